@@ -1,0 +1,46 @@
+"""The `circatt` command line: one Typer app; each command lives in its own module and registers itself."""
+
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+from . import __version__
+
+app = typer.Typer(
+    name="circatt",
+    help="Denoise images with GroupCDL on circulant-sparse attention.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Modules that define `register(app)`; one line per command group.
+COMMAND_MODULES = [
+    "circatt_cli.info",
+    "circatt_cli.bench",
+    "circatt_cli.denoise",
+]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"circatt {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Denoise images with GroupCDL on circulant-sparse attention."""
+
+
+for _name in COMMAND_MODULES:
+    importlib.import_module(_name).register(app)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

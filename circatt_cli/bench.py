@@ -1,0 +1,720 @@
+"""`circatt bench`: time our circulant attention ops and their peers in one run, on the same inputs.
+
+For every shape, op, pass (forward, forward + backward) and dtype, each implementation is first
+checked against the plain-PyTorch reference (float32) and marked WRONG, untimed, if it differs;
+then timed (see timing.py) and reported with TFLOP/s and GB/s from `op_cost`, their fraction of
+the ceilings measured in the same run, its distance to the roofline floor, peak memory, and how
+many times faster ours is. docs/bench.md explains how to read the report.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import math
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+
+import circatt_ops
+from circatt_ops import backends
+
+from . import __version__
+from .peers import INPUT_ROLES, OPS, OUTPUT_ROLE, Case, CirculantPeer, Peer, all_peers
+from .timing import Ceilings, Timing, input_sets_needed, measure, measure_ceilings, synchronize
+
+SHAPES = ("S1", "S2", "train", "sweep")
+MODES = ("fwd", "fwd+bwd")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+TOLERANCE = {torch.float32: 5e-3, torch.bfloat16: 5e-2}
+SWEEP_SIZES = {"cuda": "64,128,256,512,1024,2048", "cpu": "64,128,256"}
+QUICK = {"shapes": "sweep", "sizes": "32,64", "windows": "7", "repeat": 5, "warmup": 1, "budget": 0.5, "model_sizes": "128"}
+MODEL_SIZES = "256,512,1024,1920x1080"
+NOT_COMPARED = ("bccb",)  # a different op: timed beside ours, never in the speed-up columns
+
+
+# ----- FLOP and byte counts: the one place ---------------------------------------------------------
+def _similarity_flops(case: Case, pixels_x_slots: int) -> int:
+    """2 per channel for dot (multiply-add), 3 for distance (subtract, square, add)."""
+    return (2 if case.kind == "dot" else 3) * case.batch * pixels_x_slots * case.channels
+
+
+def op_cost(op: str, case: Case, itemsize: int, backward: bool) -> tuple[int, int]:
+    """(FLOPs, bytes) of the op's useful work, forward or forward + backward; the convention of docs/bench.md.
+
+    With R = B*G*N*K stored entries, I = B*C*N image elements (C = channels of q, k and v), s = itemsize:
+    similarity  fwd 2|3*B*N*K*C, bytes (2I + R)s;     bwd 4*B*N*K*C (+2R distance), bytes (4I + R)s
+    softmax     fwd 5R,          bytes 2Rs;           bwd 4R,                       bytes 3Rs
+    adjacency   similarity + softmax FLOPs, bytes of one fused kernel: fwd (2I + R)s, bwd (4I + 2R)s
+    apply       fwd 2*B*N*K*C,   bytes (R + 2I)s;     bwd 4*B*N*K*C,                bytes (2R + 3I)s
+    attention   fwd sim + 5R + 2*B*N*K*C, bytes 4Is;  bwd sim + 5R + 8*B*N*K*C,     bytes 8Is
+    A peer that does more work (dense SDPA does N^2) is still credited with these counts only.
+    """
+    R = case.batch * case.heads * case.pixels * case.slots
+    I = case.batch * case.channels * case.pixels
+    nk = case.pixels * case.slots
+    sim = _similarity_flops(case, nk)
+    matvec = 2 * case.batch * nk * case.channels
+    distance_extra = 2 * R if case.kind == "distance" else 0
+    table = {
+        "similarity": ((sim, 2 * I + R), (2 * matvec + distance_extra, 4 * I + R)),
+        "softmax": ((5 * R, 2 * R), (4 * R, 3 * R)),
+        "adjacency": ((sim + 5 * R, 2 * I + R), (2 * matvec + distance_extra + 4 * R, 4 * I + 2 * R)),
+        "apply": ((matvec, R + 2 * I), (2 * matvec, 2 * R + 3 * I)),
+        "attention": ((sim + 5 * R + matvec, 4 * I), (sim + 5 * R + 4 * matvec + distance_extra, 8 * I)),
+    }
+    (f_flops, f_elems), (b_flops, b_elems) = table[op]
+    if backward:
+        return f_flops + b_flops, (f_elems + b_elems) * itemsize
+    return f_flops, f_elems * itemsize
+
+
+def bccb_cost(case: Case, itemsize: int, backward: bool) -> tuple[int, int]:
+    """(FLOPs, bytes) of global BCCB attention: 2.5 N log2 N per real 2-D FFT, 2(C + C + G) of them, plus
+    the complex products and the softmax; bytes 4Is like attention. Backward counted as twice the forward."""
+    n = case.pixels
+    transforms = case.batch * 2 * (2 * case.channels + case.heads)
+    flops = int(2.5 * n * math.log2(max(n, 2)) * transforms) + 3 * case.batch * 2 * case.channels * n + 5 * case.batch * case.heads * n
+    nbytes = 4 * case.batch * case.channels * n * itemsize
+    return (3 * flops, 2 * nbytes) if backward else (flops, nbytes)
+
+
+def cost_of(impl: str, op: str, case: Case, itemsize: int, backward: bool) -> tuple[int, int]:
+    return bccb_cost(case, itemsize, backward) if impl == "bccb" else op_cost(op, case, itemsize, backward)
+
+
+# ----- the report ----------------------------------------------------------------------------------
+@dataclass
+class Row:
+    """One implementation on one (shape, op, pass, dtype), timed or with the reason it was not."""
+
+    section: str
+    case: str
+    shape: str
+    op: str
+    mode: str
+    dtype: str
+    impl: str
+    status: str
+    note: str = ""
+    pixels: int = 0
+    window: int = 0
+    median_ms: float | None = None
+    min_ms: float | None = None
+    max_ms: float | None = None
+    runs: int = 0
+    flops: int | None = None
+    bytes: int | None = None
+    tflops: float | None = None
+    gbps: float | None = None
+    frac_flops_peak: float | None = None
+    frac_copy_peak: float | None = None
+    floor_ms: float | None = None
+    x_floor: float | None = None
+    peak_mem_mb: float | None = None
+    max_rel_err: float | None = None
+    ours_speedup: float | None = None
+    speedups: dict[str, float] = field(default_factory=dict)
+
+    def flat(self) -> dict:
+        """The row for CSV: speed-ups as one `vs_<impl>` column each."""
+        d = asdict(self)
+        for name, x in d.pop("speedups").items():
+            d[f"vs_{name}"] = x
+        return d
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What one bench run does, after validation."""
+
+    device: torch.device
+    ops: tuple[str, ...]
+    shapes: tuple[str, ...]
+    sizes: tuple[tuple[int, int], ...]
+    windows: tuple[int, ...]
+    dtypes: tuple[torch.dtype, ...]
+    modes: tuple[str, ...]
+    impls: tuple[str, ...] | None
+    repeat: int
+    warmup: int
+    budget_s: float
+    seed: int
+    model: bool
+    model_sizes: tuple[tuple[int, int], ...]
+    quick: bool
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def cases_for(settings: Settings) -> list[Case]:
+    """The issue-5 shapes asked for, and the scaling sweep (dot, one head, B=1, C=64)."""
+    named = {
+        "S1": [Case("S1", 2, 64, 128, 96, 15, 1, "dot"), Case("S1", 2, 64, 128, 96, 15, 4, "dot")],
+        "S2": [Case("S2", 1, 64, 256, 256, 35, 1, "distance")],
+        "train": [Case("train", 12, 64, 64, 64, 35, 1, "distance")],
+    }
+    cases = [c for name in settings.shapes if name != "sweep" for c in named[name]]
+    if "sweep" in settings.shapes:
+        for window in settings.windows:
+            cases += [Case("sweep", 1, 64, h, w, window) for h, w in settings.sizes if window <= min(h, w)]
+    return cases
+
+
+def memory_budget(device: torch.device) -> int:
+    """Bytes a row may use: 80% of the free GPU memory, or half the available RAM."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(0.8 * free)
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 // 2
+    except OSError:
+        pass
+    return 4 << 30
+
+
+def _role_numel(role: str, case: Case) -> int:
+    if role == "image":
+        return case.batch * case.channels * case.pixels
+    return case.batch * case.heads * case.pixels * case.slots
+
+
+def footprint(peer: Peer, op: str, case: Case, itemsize: int, backward: bool) -> int:
+    """Rough bytes one run needs: inputs and output (and their gradients), plus the peer's own extra."""
+    elems = sum(_role_numel(r, case) for r in INPUT_ROLES[op]) + _role_numel(OUTPUT_ROLE[op], case)
+    return elems * itemsize * (3 if backward else 1) + peer.extra_bytes(op, case, itemsize, backward)
+
+
+# ----- inputs, oracle and checks -------------------------------------------------------------------
+def make_inputs(op: str, case: Case, device: torch.device, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, ...]:
+    """The op's inputs in our layout: random q, k, v; S and A computed from them where the op takes weights."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    shape = (case.batch, case.channels, case.height, case.width)
+    q, k, v = (torch.randn(shape, generator=gen).to(device) for _ in range(3))
+    if op == "softmax":
+        inputs = (circatt_ops.similarity(q, k, case.window, case.kind, case.heads).flat_values,)
+    elif op == "apply":
+        inputs = (circatt_ops.adjacency(q, k, case.window, case.kind, case.heads).flat_values, v)
+    elif op == "attention":
+        inputs = (q, k, v)
+    else:
+        inputs = (q, k)
+    return tuple(t.to(dtype).contiguous() for t in inputs)
+
+
+def grad_output(op: str, case: Case, device: torch.device, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """A fixed random cotangent for the op's output, in our layout."""
+    gen = torch.Generator(device="cpu").manual_seed(seed + 7919)
+    if OUTPUT_ROLE[op] == "image":
+        shape = (case.batch, case.channels, case.height, case.width)
+    else:
+        shape = (case.batch, case.heads, case.height, case.width, case.slots)
+    return torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+
+
+def run_once(peer: Peer, op: str, case: Case, inputs: Sequence[torch.Tensor], grad: torch.Tensor | None) -> list[torch.Tensor]:
+    """The peer's output (and the gradients of its inputs when `grad` is given), all in our layout."""
+    roles = INPUT_ROLES[op]
+    native = [peer.native(t, r, case).detach().requires_grad_(grad is not None) for t, r in zip(inputs, roles)]
+    with torch.set_grad_enabled(grad is not None):
+        out = peer.run(op, case, *native)
+        results = [peer.standard(out, OUTPUT_ROLE[op], case).detach()]
+        if grad is not None:
+            grads = torch.autograd.grad(out, native, peer.native(grad, OUTPUT_ROLE[op], case))
+            results += [peer.standard(g, r, case) for g, r in zip(grads, roles)]
+    return results
+
+
+def max_rel_err(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> float:
+    """The largest max|got - want| / max|want| over the outputs (inf for a NaN, a wrong shape or a wrong count)."""
+    if len(got) != len(want):
+        return math.inf
+    worst = 0.0
+    for a, b in zip(got, want):
+        if a.shape != b.shape:
+            return math.inf
+        a, b = a.double(), b.double()
+        err = ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+        worst = max(worst, err if math.isfinite(err) else math.inf)
+    return worst
+
+
+def timed_call(peer: Peer, op: str, case: Case, inputs: Sequence[torch.Tensor], grad: torch.Tensor | None) -> Callable[[], object]:
+    """A closure running the op once on native inputs prepared now (outside the timed region)."""
+    roles = INPUT_ROLES[op]
+    native = [peer.native(t, r, case).detach().requires_grad_(grad is not None) for t, r in zip(inputs, roles)]
+    if grad is None:
+
+        def forward() -> object:
+            with torch.no_grad():
+                return peer.run(op, case, *native)
+
+        return forward
+    native_grad = peer.native(grad, OUTPUT_ROLE[op], case)
+
+    def forward_backward() -> object:
+        return torch.autograd.grad(peer.run(op, case, *native), native, native_grad)
+
+    return forward_backward
+
+
+# ----- one group of rows ------------------------------------------------------------------------
+@dataclass
+class Group:
+    """One (case, op, pass, dtype): the rows of every implementation on the same inputs."""
+
+    case: Case
+    op: str
+    mode: str
+    dtype: torch.dtype
+
+    def row(self, impl: str, status: str, note: str = "") -> Row:
+        return Row(
+            "op", self.case.label, self.case.describe(), self.op, self.mode, dtype_name(self.dtype), impl, status, note,
+            self.case.pixels, self.case.window,
+        )
+
+
+def _oracle(group: Group, inputs: Sequence[torch.Tensor], grad: torch.Tensor | None, budget: int) -> tuple[list[torch.Tensor] | None, str]:
+    """The reference's float32 outputs on the same inputs, or None and why not."""
+    ref = CirculantPeer("reference")
+    need = footprint(ref, group.op, group.case, 4, grad is not None)
+    if need > budget:
+        return None, f"unchecked: the reference needs ~{need / 2**30:.1f} GiB"
+    up = [t.float() for t in inputs]
+    return run_once(ref, group.op, group.case, up, None if grad is None else grad.float()), ""
+
+
+def _measure_row(row: Row, group: Group, peer: Peer, sets: list, settings: Settings, ceilings: Ceilings) -> None:
+    """Time the peer on the rotated input sets and fill the row's numbers."""
+    calls = [timed_call(peer, group.op, group.case, inputs, grad) for inputs, grad in sets]
+    timing = measure(calls, settings.device, settings.warmup, settings.repeat, settings.budget_s)
+    itemsize = torch.tensor([], dtype=group.dtype).element_size()
+    flops, nbytes = cost_of(peer.name, group.op, group.case, itemsize, group.mode == "fwd+bwd")
+    fill_numbers(row, timing, flops, nbytes, ceilings, dtype_name(group.dtype))
+
+
+def fill_numbers(row: Row, timing: Timing, flops: int | None, nbytes: int | None, ceilings: Ceilings | None, dtype: str) -> None:
+    """Time, rates, fractions of the measured ceilings and the roofline floor."""
+    t = timing.median_s
+    row.median_ms, row.min_ms, row.max_ms, row.runs = t * 1e3, timing.min_s * 1e3, timing.max_s * 1e3, timing.runs
+    row.peak_mem_mb = None if timing.peak_bytes is None else timing.peak_bytes / 2**20
+    if flops is None or nbytes is None:
+        return
+    row.flops, row.bytes = flops, nbytes
+    row.tflops, row.gbps = flops / t / 1e12, nbytes / t / 1e9
+    if ceilings is None:
+        return
+    peak_flops = ceilings.matmul_flops_per_s.get(dtype)
+    row.frac_copy_peak = nbytes / t / ceilings.copy_bytes_per_s
+    floor = nbytes / ceilings.copy_bytes_per_s
+    if peak_flops:
+        row.frac_flops_peak = flops / t / peak_flops
+        floor = max(floor, flops / peak_flops)
+    row.floor_ms, row.x_floor = floor * 1e3, t / floor
+
+
+def _skip_reason(peer: Peer, group: Group, settings: Settings, budget: int) -> str | None:
+    reason = peer.unavailable(group.op, group.case, settings.device, group.dtype)
+    if reason:
+        return reason
+    itemsize = torch.tensor([], dtype=group.dtype).element_size()
+    need = footprint(peer, group.op, group.case, itemsize, group.mode == "fwd+bwd")
+    if need > budget:
+        return f"needs ~{need / 2**30:.1f} GiB, over the {budget / 2**30:.1f} GiB limit"
+    return None
+
+
+def _bench_peer(peer: Peer, group: Group, sets: list, oracle: list | None, note: str, settings: Settings, ceilings: Ceilings) -> Row:
+    """Check one implementation against the oracle, then time it; WRONG rows stay untimed."""
+    row = group.row(peer.name, "ok", note if peer.comparable else "global op, not comparable: unchecked")
+    peer.prepare(group.op, group.case, settings.device)
+    inputs, grad = sets[0]
+    got = run_once(peer, group.op, group.case, inputs, grad)
+    if peer.comparable and oracle is not None:
+        row.max_rel_err = max_rel_err(got, oracle)
+        if not row.max_rel_err <= TOLERANCE[group.dtype]:
+            row.status = "WRONG"
+            row.note = f"max rel. error {row.max_rel_err:.2g} > {TOLERANCE[group.dtype]:g} vs the reference; not timed"
+            return row
+    elif peer.comparable:
+        row.status = "unchecked"
+    del got
+    _measure_row(row, group, peer, sets, settings, ceilings)
+    return row
+
+
+def bench_group(group: Group, peers: Sequence[Peer], settings: Settings, ceilings: Ceilings) -> list[Row]:
+    """Every implementation on one group's inputs: skipped, WRONG, error, unchecked or ok."""
+    device, budget = settings.device, memory_budget(settings.device)
+    todo, rows = [], []
+    for peer in peers:
+        reason = _skip_reason(peer, group, settings, budget)
+        if reason:
+            rows.append(group.row(peer.name, "skipped", reason))
+        else:
+            todo.append(peer)
+    if not todo:
+        return rows
+    backward = group.mode == "fwd+bwd"
+    first = make_inputs(group.op, group.case, device, group.dtype, settings.seed)
+    n_sets = input_sets_needed(sum(t.numel() * t.element_size() for t in first), device)
+    sets = [(first, grad_output(group.op, group.case, device, group.dtype, settings.seed) if backward else None)]
+    for i in range(1, n_sets):
+        seed = settings.seed + 1000 * i
+        sets.append((make_inputs(group.op, group.case, device, group.dtype, seed), grad_output(group.op, group.case, device, group.dtype, seed) if backward else None))
+    oracle, note = _oracle(group, first, sets[0][1], budget)
+    for peer in todo:
+        rows.append(_guarded(lambda p=peer: _bench_peer(p, group, sets, oracle, note, settings, ceilings), group.row(peer.name, "error")))
+    return rows
+
+
+def _guarded(work: Callable[[], Row], fallback: Row) -> Row:
+    """Run one row's work; an out-of-memory or any other failure becomes the row's status, not a crash."""
+    try:
+        return work()
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        fallback.status, fallback.note = "skipped", "out of memory"
+    except Exception as err:  # a peer failing must not stop the bench; the row says why
+        fallback.note = f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
+    return fallback
+
+
+def add_speedups(rows: list[Row], ours: str) -> None:
+    """On each peer row, how many times faster ours is; on ours, the same per peer."""
+    groups: dict[tuple, list[Row]] = {}
+    for r in rows:
+        groups.setdefault((r.section, r.case, r.shape, r.op, r.mode, r.dtype), []).append(r)
+    for members in groups.values():
+        base = next((r for r in members if r.impl == ours and r.status in ("ok", "unchecked")), None)
+        if base is None or not base.median_ms:
+            continue
+        for r in members:
+            if r is base or r.impl in NOT_COMPARED or r.median_ms is None:
+                continue
+            r.ours_speedup = r.median_ms / base.median_ms
+            base.speedups[r.impl] = r.ours_speedup
+
+
+# ----- model level ----------------------------------------------------------------------------------
+def _load_denoiser(kind: str, device: torch.device) -> tuple[torch.nn.Module | None, str]:
+    """The GroupCDL model with its weights, or randomly initialised ones (timing does not depend on them)."""
+    try:
+        from .weights import load_model
+    except ImportError as err:
+        load_model, why = None, str(err)
+    if load_model is not None:
+        try:
+            return load_model(kind, device).eval(), "trained weights"
+        except Exception as err:  # absent weights: time a random-init model instead
+            why = str(err).splitlines()[0] if str(err) else type(err).__name__
+    try:
+        from .model import GroupCDL, GroupCDLConfig
+    except ImportError as err:
+        return None, f"the model is not importable ({err})"
+    preset = getattr(GroupCDLConfig, kind, None)
+    config = preset() if callable(preset) else GroupCDLConfig()
+    return GroupCDL(config).to(device).eval(), f"random init ({why})"
+
+
+def _tiled_denoiser() -> Callable | None:
+    """The denoise command's tiled runner, if it is importable: f(model, y, sigma, tile) -> x."""
+    try:
+        from .tiling import denoise_tiled
+    except ImportError:
+        return None
+    return denoise_tiled
+
+
+def bench_model(settings: Settings) -> list[Row]:
+    """Denoise (forward only, inference mode) of one image per size: untiled, and tiled where available."""
+    rows: list[Row] = []
+    device = settings.device
+    tiled = _tiled_denoiser()
+    for kind in ("gray", "color"):
+        model, source = _load_denoiser(kind, device)
+        for h, w in settings.model_sizes:
+            base = Row("model", f"{h}x{w}", f"B=1 {kind} {h}x{w}", "denoise", "untiled", "float32", f"groupcdl-{kind}", "ok", source, h * w)
+            if model is None:
+                base.status = "skipped"
+                rows.append(base)
+                continue
+            channels = 1 if kind == "gray" else 3
+            y = torch.rand(1, channels, h, w, generator=torch.Generator().manual_seed(settings.seed)).to(device)
+            sigma = torch.full((1,), 25 / 255, device=device)
+            rows.append(_guarded(lambda: _time_model(base, lambda: model(y, sigma), settings), base))
+            tiled_row = Row(**{**asdict(base), "mode": "tiled", "speedups": {}})
+            if tiled is None:
+                tiled_row.status, tiled_row.note = "skipped", "no tiled runner (circatt_cli.tiling.denoise_tiled) yet"
+                rows.append(tiled_row)
+            else:
+                rows.append(_guarded(lambda: _time_model(tiled_row, lambda: tiled(model, y, sigma), settings), tiled_row))
+    return rows
+
+
+def _time_model(row: Row, call: Callable[[], object], settings: Settings) -> Row:
+    def run() -> object:
+        with torch.inference_mode():
+            return call()
+
+    timing = measure([run], settings.device, max(1, settings.warmup - 1), settings.repeat, settings.budget_s * 2)
+    fill_numbers(row, timing, None, None, None, "float32")
+    return row
+
+
+# ----- output ----------------------------------------------------------------------------------------
+def _fmt(x: float | None, spec: str, unit: str = "") -> str:
+    return "" if x is None else f"{x:{spec}}{unit}"
+
+
+def print_report(rows: Sequence[Row], ceilings: Ceilings | None, device_name: str, console: Console) -> None:
+    """A rich table per (shape, dtype), then the model table."""
+    if ceilings is not None:
+        rates = ", ".join(f"{k} {v / 1e12:.3g} TFLOP/s" for k, v in ceilings.matmul_flops_per_s.items())
+        console.print(f"[bold]{device_name}[/]: measured ceilings: copy {ceilings.copy_bytes_per_s / 1e9:.4g} GB/s; matmul {rates}")
+    keys = list(dict.fromkeys((r.section, r.case, r.shape, r.dtype) for r in rows))
+    for section, case, shape, dtype in keys:
+        members = [r for r in rows if (r.section, r.case, r.shape, r.dtype) == (section, case, shape, dtype)]
+        console.print(_table(f"{case}: {shape}, {dtype}" if section == "op" else f"model: {shape}", members))
+
+
+_STATUS_STYLE = {"ok": "green", "WRONG": "bold red", "error": "red", "skipped": "dim", "unchecked": "yellow"}
+
+
+def _table(title: str, rows: Sequence[Row]) -> Table:
+    table = Table(title=title, title_justify="left", header_style="bold")
+    for name, justify in [
+        ("op", "left"), ("pass", "left"), ("impl", "left"), ("status", "left"), ("median ms", "right"),
+        ("min-max ms", "right"), ("TFLOP/s", "right"), ("GB/s", "right"), ("x floor", "right"),
+        ("peak MiB", "right"), ("ours x", "right"), ("note", "left"),
+    ]:
+        table.add_column(name, justify=justify, overflow="fold")
+    for r in rows:
+        style = _STATUS_STYLE.get(r.status, "")
+        table.add_row(
+            r.op, r.mode, r.impl, f"[{style}]{r.status}[/]",
+            _fmt(r.median_ms, ".4g"),
+            "" if r.min_ms is None else f"{r.min_ms:.3g}-{r.max_ms:.3g}",
+            _fmt(r.tflops, ".3g") + ("" if r.frac_flops_peak is None else f" ({r.frac_flops_peak:.0%})"),
+            _fmt(r.gbps, ".4g") + ("" if r.frac_copy_peak is None else f" ({r.frac_copy_peak:.0%})"),
+            _fmt(r.x_floor, ".3g"),
+            _fmt(r.peak_mem_mb, ".4g"),
+            _fmt(r.ours_speedup, ".3g", "x"),
+            r.note,
+        )
+    return table
+
+
+def write_json(path: Path, meta: dict, ceilings: Ceilings | None, rows: Sequence[Row]) -> None:
+    doc = {"meta": meta, "ceilings": None if ceilings is None else ceilings.as_dict(), "rows": [asdict(r) for r in rows]}
+    path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+
+
+def write_csv(path: Path, rows: Sequence[Row]) -> None:
+    flat = [r.flat() for r in rows]
+    fields = list(dict.fromkeys(k for d in flat for k in d))
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(flat)
+
+
+def write_plot(path: Path, rows: Sequence[Row], device_name: str) -> None:
+    """Log-log time against pixels per implementation, one panel per (op, pass) of the sweep, with slope guides."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweep = [r for r in rows if r.case == "sweep" and r.median_ms]
+    panels = list(dict.fromkeys((r.op, r.mode, r.dtype) for r in sweep)) or [("no sweep rows", "", "")]
+    cols = min(2, len(panels))
+    nrows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(6.5 * cols, 4.5 * nrows), squeeze=False)
+    for ax, (op, mode, dtype) in zip(axes.flat, panels):
+        members = [r for r in sweep if (r.op, r.mode, r.dtype) == (op, mode, dtype)]
+        for impl, window in dict.fromkeys((r.impl, r.window) for r in members):
+            line = sorted((r.pixels, r.median_ms) for r in members if (r.impl, r.window) == (impl, window))
+            ax.plot(*zip(*line), marker="o", linestyle="-" if window == max(r.window for r in members) else "--", label=f"{impl} ws={window}")
+        _slope_guides(ax, members)
+        ax.set(xscale="log", yscale="log", xlabel="pixels N = H*W", ylabel="median time (ms)", title=f"{op} {mode} {dtype}")
+        ax.grid(True, which="both", alpha=0.3)
+        if members:
+            ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(f"circatt bench on {device_name}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _slope_guides(ax, members: Sequence[Row]) -> None:
+    """Grey N, N log N and N^2 lines through the smallest point, for reading the curves' orders."""
+    if not members:
+        return
+    n0, t0 = min((r.pixels, r.median_ms) for r in members)
+    ns = sorted({r.pixels for r in members})
+    for label, f in (("~N", lambda n: n), ("~N log N", lambda n: n * math.log2(n)), ("~N^2", lambda n: n * n)):
+        ax.plot(ns, [t0 * f(n) / f(n0) for n in ns], color="grey", alpha=0.4, linewidth=0.8, linestyle=":")
+        ax.annotate(label, (ns[-1], t0 * f(ns[-1]) / f(n0)), fontsize=7, color="grey")
+
+
+# ----- options -------------------------------------------------------------------------------------
+def _choices(value: str, allowed: Sequence[str], option: str) -> tuple[str, ...]:
+    items = tuple(dict.fromkeys(v.strip() for v in value.split(",") if v.strip()))
+    bad = [v for v in items if v not in allowed]
+    if bad or not items:
+        raise typer.BadParameter(f"{', '.join(bad) or 'nothing'} not in {', '.join(allowed)}", param_hint=option)
+    return items
+
+
+def _sizes(value: str, option: str) -> tuple[tuple[int, int], ...]:
+    """'64,128x96' -> ((64, 64), (128, 96)); 'WxH' is not ambiguous: we write HxW."""
+    sizes = []
+    for item in (v.strip().lower() for v in value.split(",") if v.strip()):
+        parts = item.split("x")
+        if len(parts) > 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise typer.BadParameter(f"{item!r} is not a size; use N or HxW, e.g. 64,128x96", param_hint=option)
+        sizes.append((int(parts[0]), int(parts[-1])))
+    if not sizes:
+        raise typer.BadParameter("give at least one size", param_hint=option)
+    return tuple(sizes)
+
+
+def _device(value: str) -> torch.device:
+    if value == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        raise typer.BadParameter(f"{value!r} is not a device; use auto, cpu, cuda or cuda:N", param_hint="--device") from None
+    if device.type not in ("cpu", "cuda"):
+        raise typer.BadParameter(f"{value!r}: only cpu and cuda are supported", param_hint="--device")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise typer.BadParameter("CUDA asked for, but no CUDA device is available; use --device cpu", param_hint="--device")
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise typer.BadParameter(f"{value}: only {torch.cuda.device_count()} CUDA device(s)", param_hint="--device")
+    return device
+
+
+def _settings(**o) -> Settings:
+    """Validate the options into Settings; --quick fills what the user did not set."""
+    device = _device(o["device"])
+    quick = o["quick"]
+
+    def pick(name: str, default: object) -> object:
+        """The user's value, else the --quick value, else the default."""
+        if o[name] is not None:
+            return o[name]
+        return QUICK[name] if quick and name in QUICK else default
+
+    ops = _choices(o["ops"], OPS + ("model",), "--ops")
+    dtypes = tuple(DTYPES[d] for d in _choices(pick("dtype", "float32,bfloat16" if device.type == "cuda" else "float32"), tuple(DTYPES), "--dtype"))
+    if device.type == "cpu" and torch.bfloat16 in dtypes:
+        raise typer.BadParameter("bfloat16 is CUDA-only in circatt_ops; use --dtype float32 on the CPU", param_hint="--dtype")
+    windows = tuple(int(w) for w in _choices(pick("windows", "15,35"), [str(w) for w in range(1, 1000, 2)], "--windows"))
+    names = [p.name for p in all_peers(device)]
+    impls = None if o["impls"] is None else _choices(o["impls"], names, "--impls")
+    for name, value, low in (("--repeat", pick("repeat", 20), 1), ("--warmup", pick("warmup", 3), 0)):
+        if value < low:
+            raise typer.BadParameter(f"must be at least {low}, got {value}", param_hint=name)
+    return Settings(
+        device=device, ops=tuple(op for op in ops if op != "model"), shapes=_choices(pick("shapes", ",".join(SHAPES)), SHAPES, "--shapes"),
+        sizes=_sizes(pick("sizes", SWEEP_SIZES[device.type]), "--sizes"), windows=windows, dtypes=dtypes,
+        modes=_choices(o["modes"], MODES, "--modes"), impls=impls, repeat=pick("repeat", 20), warmup=pick("warmup", 3),
+        budget_s=QUICK["budget"] if quick else 2.0, seed=o["seed"], model="model" in ops,
+        model_sizes=_sizes(pick("model_sizes", MODEL_SIZES), "--model-sizes"), quick=quick,
+    )
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def run_bench(settings: Settings, console: Console) -> tuple[list[Row], Ceilings]:
+    """Build the kernels, measure the ceilings, then every group and the model rows."""
+    peers = [p for p in all_peers(settings.device) if settings.impls is None or p.name in settings.impls]
+    t0 = time.perf_counter()
+    backends.resolve(None, settings.device)  # builds our kernels on first use (cached), outside the timings
+    if time.perf_counter() - t0 > 1:
+        console.print(f"kernels ready in {time.perf_counter() - t0:.0f} s (built once, cached)")
+    ceilings = measure_ceilings(settings.device, settings.dtypes, settings.quick)
+    rows: list[Row] = []
+    groups = [Group(c, op, m, dt) for c in cases_for(settings) for op in settings.ops for m in settings.modes for dt in settings.dtypes]
+    for i, group in enumerate(groups, 1):
+        console.print(f"[dim]({i}/{len(groups)}) {group.case.label} {group.case.describe()} {group.op} {group.mode} {dtype_name(group.dtype)}[/]", highlight=False)
+        rows += bench_group(group, peers, settings, ceilings)
+        synchronize(settings.device)
+    if settings.model:
+        rows += bench_model(settings)
+    add_speedups(rows, "cuda" if settings.device.type == "cuda" else "cpu")
+    return rows, ceilings
+
+
+def bench(
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N (CUDA asked for and absent is an error)."),
+    ops: str = typer.Option(",".join(OPS + ("model",)), help="Comma list of: " + ", ".join(OPS + ("model",)) + "."),
+    shapes: str = typer.Option(None, help="Comma list of S1, S2, train, sweep (default all; --quick: sweep)."),
+    sizes: str = typer.Option(None, help="Sweep image sizes, N or HxW (default 64..2048 on CUDA, 64..256 on the CPU)."),
+    windows: str = typer.Option(None, help="Sweep windows (default 15,35)."),
+    dtype: str = typer.Option(None, help="float32 and/or bfloat16 (CUDA only); default both on CUDA, float32 on the CPU."),
+    modes: str = typer.Option("fwd,fwd+bwd", help="fwd and/or fwd+bwd."),
+    impls: str = typer.Option(None, help="Only these implementations (default all that apply)."),
+    model_sizes: str = typer.Option(None, "--model-sizes", help=f"Denoise sizes (default {MODEL_SIZES})."),
+    repeat: int = typer.Option(None, help="Timed runs per row (fewer when a row would exceed its time budget); default 20."),
+    warmup: int = typer.Option(None, help="Untimed runs before timing; default 3."),
+    seed: int = typer.Option(0, help="Seed of the random inputs."),
+    quick: bool = typer.Option(False, "--quick", help="A small subset: the sweep at 32 and 64 px, window 7, a 128 px denoise."),
+    json_path: Path = typer.Option(None, "--json", help="Write every row and the ceilings as JSON.", dir_okay=False),
+    csv_path: Path = typer.Option(None, "--csv", help="Write every row as CSV.", dir_okay=False),
+    plot_path: Path = typer.Option(None, "--plot", help="Write a log-log PNG of time against image size.", dir_okay=False),
+) -> None:
+    """Time the circulant attention ops, the peers and the denoiser; tables, JSON, CSV and a plot."""
+    if plot_path is not None and plot_path.suffix.lower() != ".png":
+        raise typer.BadParameter("the plot is a PNG; give a path ending in .png", param_hint="--plot")
+    settings = _settings(
+        device=device, ops=ops, shapes=shapes, sizes=sizes, windows=windows, dtype=dtype, modes=modes, impls=impls,
+        model_sizes=model_sizes, repeat=repeat, warmup=warmup, seed=seed, quick=quick,
+    )
+    console = Console()
+    started = time.perf_counter()
+    rows, ceilings = run_bench(settings, console)
+    name = _device_name(settings.device)
+    print_report(rows, ceilings, name, console)
+    meta = {
+        "device": name, "torch": torch.__version__, "cuda": torch.version.cuda, "circatt": __version__,
+        "python": platform.python_version(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "seconds": round(time.perf_counter() - started, 2), "tf32": torch.backends.cuda.matmul.allow_tf32,
+        "settings": {k: str(v) for k, v in asdict(settings).items()},
+    }
+    if json_path:
+        write_json(json_path, meta, ceilings, rows)
+    if csv_path:
+        write_csv(csv_path, rows)
+    if plot_path:
+        write_plot(plot_path, rows, name)
+    wrong = [r for r in rows if r.status == "WRONG"]
+    console.print(f"{len(rows)} rows in {meta['seconds']:.0f} s" + (f"; [bold red]{len(wrong)} WRONG[/]" if wrong else ""))
+    if wrong:
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("bench")(bench)

@@ -1,0 +1,327 @@
+"""`circatt denoise INPUT...`: denoise image files with GroupCDL, tiled when large."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Optional
+
+import numpy as np
+import torch
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from . import tiling
+from .devices import describe, resolve_device
+from .imageio import ImageData, ImageError, read_image, write_image
+from .paths import Source, expand_inputs, output_for, output_is_file
+
+
+@dataclass
+class Outcome:
+    """One row of the summary table."""
+
+    source: Path
+    size: str = ""
+    sigma: str = ""
+    seconds: float = 0.0
+    output: str = ""
+    error: str | None = None
+    scores: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+
+class Models:
+    """Loads each model once: `--model` if given, else gray or color to match the image."""
+
+    def __init__(self, forced: str | None, device: torch.device) -> None:
+        self.forced = forced
+        self.device = device
+        self._loaded: dict[str, torch.nn.Module] = {}
+
+    def spec_for(self, channels: int) -> str:
+        """The model to use for an image with 1 or 3 channels."""
+        return self.forced or ("gray" if channels == 1 else "color")
+
+    def preload(self) -> None:
+        """Load a forced --model now, so that a bad one is a usage error rather than one per image."""
+        if self.forced is None:
+            return
+        try:
+            self.get(1)
+        except Exception as err:  # whatever the loader raises, the user gets one line
+            raise typer.BadParameter(f"cannot load {self.forced!r}: {err}", param_hint="--model") from None
+
+    def get(self, channels: int) -> torch.nn.Module:
+        """The loaded model (in eval mode) for an image with this many channels."""
+        spec = self.spec_for(channels)
+        if spec not in self._loaded:
+            from .weights import load_model
+
+            self._loaded[spec] = load_model(spec, self.device).eval()
+        return self._loaded[spec]
+
+
+def model_input(model: torch.nn.Module, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Run `model` on x (1, C, h, w), adapting channels: a gray model takes each channel as an image,
+    a colour model gets a gray image repeated three times and returns its channel mean."""
+    want, have = model.config.channels, x.shape[1]
+    if want == have:
+        return model(x, sigma)
+    if want == 1:
+        return model(x.transpose(0, 1), sigma.expand(have)).transpose(0, 1)
+    return model(x.expand(-1, want, -1, -1), sigma).mean(dim=1, keepdim=True)
+
+
+def estimate(pixels: torch.Tensor) -> float:
+    """The noise level of a (1, C, H, W) image on the [0, 1] scale."""
+    from .noise import estimate_sigma
+
+    return float(estimate_sigma(pixels)[0])
+
+
+def add_noise(pixels: np.ndarray, sigma255: float, seed: int) -> np.ndarray:
+    """Add white Gaussian noise of `sigma255` (0-255 scale), reproducible by `seed`."""
+    rng = np.random.default_rng(seed)
+    return (pixels + rng.standard_normal(pixels.shape, dtype=np.float32) * (sigma255 / 255.0)).astype(np.float32)
+
+
+def to_tensor(pixels: np.ndarray, device: torch.device) -> torch.Tensor:
+    """(H, W, C) float array -> (1, C, H, W) tensor on `device`."""
+    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))[None].to(device)
+
+
+def to_pixels(x: torch.Tensor) -> np.ndarray:
+    """(1, C, H, W) tensor -> (H, W, C) float32 array."""
+    return x[0].detach().float().cpu().numpy().transpose(1, 2, 0)
+
+
+def tile_margin(model: torch.nn.Module) -> int:
+    """Context pixels around each tile: the model's receptive field, rounded up to even."""
+    rf = int(model.receptive_field)
+    return rf + rf % 2
+
+
+def bytes_per_pixel(model: torch.nn.Module) -> int:
+    """Rough peak inference memory per image pixel, for choosing a tile size from free memory."""
+    window = int(getattr(model.config, "window", 35))
+    return max(tiling.DEFAULT_BYTES_PER_PIXEL, 3 * window * window)
+
+
+@dataclass
+class Job:
+    """What the command does to every image: the options that do not vary per image."""
+
+    models: Models
+    device: torch.device
+    sigma255: float | None
+    tile: int | None
+    noise255: float | None
+    seed: int
+    jpeg_quality: int
+    overwrite: bool
+    reference: ImageData | None
+
+
+def run_model(job: Job, image: ImageData, sigma: float, progress: Progress, tiles_task) -> np.ndarray:
+    """Denoise the image's pixels with its model, tiled if large; returns (H, W, C) float pixels."""
+    model = job.models.get(image.channels)
+    margin = tile_margin(model)
+    tile = job.tile or tiling.auto_tile(job.device, margin, bytes_per_pixel(model))
+    x = to_tensor(image.pixels, job.device)
+    s = torch.tensor([sigma], dtype=x.dtype, device=job.device)
+
+    def on_tile(done: int, total: int) -> None:
+        progress.update(tiles_task, completed=done, total=total, visible=total > 1)
+
+    def on_retry(smaller: int) -> None:
+        progress.console.print(f"  [yellow]out of GPU memory: retrying with {smaller}-pixel tiles[/]")
+
+    with torch.inference_mode():
+        out, _ = tiling.run_with_retry(lambda t: model_input(model, t, s), x, tile, margin, on_tile, on_retry)
+    return to_pixels(out)
+
+
+def check_reference(reference: ImageData, image: ImageData) -> None:
+    """The clean reference must match the image in size and channels."""
+    if reference.size != image.size or reference.channels != image.channels:
+        raise ImageError(
+            f"--reference is {reference.size[1]}x{reference.size[0]}x{reference.channels} "
+            f"but the image is {image.size[1]}x{image.size[0]}x{image.channels}"
+        )
+
+
+def scores(reference: ImageData, noisy: np.ndarray, clean: np.ndarray) -> dict[str, tuple[float, float]]:
+    """{'input': (PSNR, SSIM), 'output': (PSNR, SSIM)} against the reference, pixels clipped to [0, 1]."""
+    from .metrics import psnr, ssim
+
+    ref = to_tensor(reference.pixels, torch.device("cpu")).double()
+    out = {}
+    for name, pixels in (("input", noisy), ("output", clean)):
+        x = to_tensor(np.clip(pixels, 0, 1), torch.device("cpu")).double()
+        out[name] = (float(psnr(x, ref)[0]), float(ssim(x, ref)[0]))
+    return out
+
+
+def process(job: Job, source: Source, target: Path, progress: Progress, tiles_task) -> Outcome:
+    """Read, (add noise,) denoise and write one image; raises ImageError for a bad file."""
+    start = time.perf_counter()
+    image = read_image(source.path)
+    outcome = Outcome(source.path, size=f"{image.size[1]}x{image.size[0]}x{image.channels}, {image.bits}-bit")
+    if job.reference is not None:
+        check_reference(job.reference, image)
+    noisy = add_noise(image.pixels, job.noise255, job.seed) if job.noise255 else image.pixels
+    given = job.sigma255 is not None
+    sigma = job.sigma255 / 255.0 if given else estimate(to_tensor(noisy, job.device))
+    outcome.sigma = f"{sigma * 255:.1f}" + ("" if given else " (est.)")
+    progress.console.print(f"{source.path}: sigma {sigma * 255:.2f} ({'given' if given else 'estimated'}, 0-255 scale)")
+    clean = run_model(job, image.with_pixels(noisy), sigma, progress, tiles_task)
+    write_image(image.with_pixels(clean), target, jpeg_quality=job.jpeg_quality, overwrite=job.overwrite)
+    if job.reference is not None:
+        outcome.scores = scores(job.reference, noisy, clean)
+    outcome.seconds, outcome.output = time.perf_counter() - start, str(target)
+    return outcome
+
+
+def plan_outputs(sources: list[Source], output: Path | None, overwrite: bool) -> tuple[list[tuple[Source, Path]], list[Outcome]]:
+    """Pair each input with its output path; refuse outputs that are inputs, taken twice, or exist."""
+    as_file = output_is_file(output, len(sources))
+    inputs = {s.path.resolve() for s in sources}
+    planned: list[tuple[Source, Path]] = []
+    refused: list[Outcome] = []
+    taken: set[Path] = set()
+    for source in sources:
+        target = output_for(source, output, as_file)
+        key = target.resolve()
+        reason = None
+        if key in inputs:
+            reason = f"{target}: is an input; refusing to overwrite it (choose another -o)"
+        elif key in taken:
+            reason = f"{target}: already the output of another input in this run"
+        elif target.exists() and not overwrite:
+            reason = f"{target}: already exists (use --overwrite to replace it)"
+        if reason:
+            refused.append(Outcome(source.path, error=reason))
+        else:
+            taken.add(key)
+            planned.append((source, target))
+    return planned, refused
+
+
+def summary_table(outcomes: list[Outcome], device: str) -> Table:
+    """The table printed at the end: one row per input."""
+    with_scores = any(o.scores for o in outcomes)
+    table = Table(title="circatt denoise")
+    for column in ("input", "size", "sigma", "device", "time", "output"):
+        table.add_column(column, justify="right" if column in ("sigma", "time") else "left")
+    if with_scores:
+        table.add_column("PSNR in -> out (dB)", justify="right")
+        table.add_column("SSIM in -> out", justify="right")
+    for o in outcomes:
+        row = [str(o.source), o.size, o.sigma, device, f"{o.seconds:.2f} s" if not o.error else "",
+               o.output if not o.error else f"[red]failed: {o.error}[/]"]
+        if with_scores:
+            (pi, si), (po, so) = o.scores.get("input", (np.nan, np.nan)), o.scores.get("output", (np.nan, np.nan))
+            row += [f"{pi:.2f} -> {po:.2f}", f"{si:.4f} -> {so:.4f}"]
+        table.add_row(*row)
+    return table
+
+
+def make_progress(console: Console) -> Progress:
+    """A progress display with a bar over images and one over the tiles of the current image."""
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console, transient=False,
+    )
+
+
+def report_failure(console: Console, outcome: Outcome, err: BaseException, debug: bool) -> None:
+    """One clear line for a failed image; the traceback too with --debug."""
+    if isinstance(err, ImageError):
+        outcome.error = str(err).removeprefix(f"{outcome.source}: ")
+    else:
+        outcome.error = f"{type(err).__name__}: {err}"
+    console.print(f"[red]error:[/] {outcome.source}: {outcome.error}", highlight=False)
+    if debug:
+        console.print_exception()
+
+
+def run_all(job: Job, planned: list[tuple[Source, Path]], console: Console, debug: bool) -> list[Outcome]:
+    """Process every planned image under a progress display; failures are reported and skipped."""
+    outcomes = []
+    with make_progress(console) as progress:
+        images = progress.add_task("images", total=len(planned))
+        tiles = progress.add_task("  tiles", total=1, visible=False)
+        for source, target in planned:
+            progress.update(images, description=f"images: {source.path.name}")
+            progress.reset(tiles, total=1, visible=False)
+            try:
+                outcomes.append(process(job, source, target, progress, tiles))
+            except Exception as err:  # one bad image must not stop the others
+                outcome = Outcome(source.path)
+                report_failure(progress.console, outcome, err, debug)
+                outcomes.append(outcome)
+            progress.advance(images)
+    return outcomes
+
+
+def load_reference(path: Path | None, count: int) -> ImageData | None:
+    """The --reference image (one input only), or None; a bad file is a usage error."""
+    if path is None:
+        return None
+    if count != 1:
+        raise typer.BadParameter("--reference needs exactly one input image", param_hint="--reference")
+    try:
+        return read_image(path)
+    except ImageError as err:
+        raise typer.BadParameter(str(err), param_hint="--reference") from None
+
+
+def check_output_option(output: Path | None, count: int) -> None:
+    """-o naming an image file is only valid for one input."""
+    if output is not None and not output.is_dir() and output.suffix and count > 1:
+        raise typer.BadParameter(f"{output} looks like a file but there are {count} inputs; give a folder", param_hint="-o/--output")
+
+
+def denoise(
+    inputs: Annotated[list[str], typer.Argument(help="Image files, folders or globs (PNG, JPEG, TIFF, WebP, BMP).", metavar="INPUT...", show_default=False)],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file (one input) or folder. Default: <stem>_denoised.<ext> beside each input.")] = None,
+    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Also take images in subfolders of folder inputs.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing output files (inputs are never overwritten).")] = False,
+    model: Annotated[Optional[str], typer.Option(help="gray, color, or a weights file. Default: chosen from the image.")] = None,
+    sigma: Annotated[Optional[float], typer.Option(min=0, max=255, help="Noise level on the 0-255 scale. Default: estimated per image.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N. CUDA asked for and absent is an error.")] = "auto",
+    tile: Annotated[Optional[int], typer.Option(min=tiling.MIN_TILE, help="Tile side in pixels. Default: chosen from free memory.")] = None,
+    jpeg_quality: Annotated[int, typer.Option(min=1, max=100, help="Quality of JPEG and WebP outputs.")] = 95,
+    add_noise_sigma: Annotated[Optional[float], typer.Option("--add-noise", min=0, max=255, help="Demo: first add Gaussian noise of this sigma (0-255).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of --add-noise.")] = 0,
+    reference: Annotated[Optional[Path], typer.Option(help="Clean image: report PSNR/SSIM of the input and the output.")] = None,
+    debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
+) -> None:
+    """Denoise images with GroupCDL; writes <stem>_denoised.<ext> beside each input by default."""
+    console = Console(highlight=False)
+    torch_device, device_line = resolve_device(device)
+    sources, errors = expand_inputs(inputs, recursive)
+    check_output_option(output, len(sources))
+    job = Job(Models(model, torch_device), torch_device, sigma, tile, add_noise_sigma, seed, jpeg_quality, overwrite,
+              load_reference(reference, len(sources)))
+    console.print(device_line)
+    job.models.preload()
+    for line in errors:
+        console.print(f"[red]error:[/] {line}")
+    if output is not None:
+        folder = output.parent if output_is_file(output, len(sources)) else output
+        folder.mkdir(parents=True, exist_ok=True)
+    planned, refused = plan_outputs(sources, output, overwrite)
+    for o in refused:
+        console.print(f"[red]error:[/] {o.source}: {o.error}")
+    outcomes = run_all(job, planned, console, debug) + refused
+    console.print(summary_table(outcomes, describe(torch_device)))
+    if errors or any(o.error for o in outcomes):
+        raise typer.Exit(code=1)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("denoise", no_args_is_help=True)(denoise)

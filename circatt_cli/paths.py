@@ -1,0 +1,76 @@
+"""Which files a command reads and where it writes: inputs from files, folders and globs; output names."""
+
+from __future__ import annotations
+
+import glob
+from dataclasses import dataclass
+from pathlib import Path
+
+from .imageio import is_supported
+
+SUFFIX = "_denoised"
+_GLOB_CHARS = set("*?[")
+
+
+@dataclass(frozen=True)
+class Source:
+    """An input file and its path relative to the folder it was found in (its name when given directly)."""
+
+    path: Path
+    relative: Path
+
+
+def _folder_images(folder: Path, recursive: bool) -> list[Source]:
+    found = folder.rglob("*") if recursive else folder.glob("*")
+    images = sorted(p for p in found if p.is_file() and is_supported(p) and not p.stem.endswith(SUFFIX))
+    return [Source(p, p.relative_to(folder)) for p in images]
+
+
+def expand_inputs(arguments: list[str], recursive: bool) -> tuple[list[Source], list[str]]:
+    """Files, folders (images inside; subfolders with `recursive`) and globs -> (sources, error lines).
+
+    A path that does not exist is kept, so that reading it reports the error in its turn.
+    """
+    sources: list[Source] = []
+    errors: list[str] = []
+    for arg in arguments:
+        path = Path(arg)
+        if path.is_dir():
+            found = _folder_images(path, recursive)
+            sources += found
+            if not found:
+                errors.append(f"{path}: no images in this folder" + ("" if recursive else " (use --recursive for subfolders)"))
+        elif not path.exists() and _GLOB_CHARS & set(arg):
+            matches = sorted(Path(m) for m in glob.glob(arg, recursive=recursive) if Path(m).is_file())
+            sources += [Source(m, Path(m.name)) for m in matches if is_supported(m)]
+            if not matches:
+                errors.append(f"{arg}: no files match")
+        else:
+            sources.append(Source(path, Path(path.name)))
+    return _unique(sources), errors
+
+
+def _unique(sources: list[Source]) -> list[Source]:
+    seen: set[Path] = set()
+    out = []
+    for s in sources:
+        key = s.path.resolve()
+        if key not in seen:
+            seen.add(key)
+            out.append(s)
+    return out
+
+
+def output_is_file(output: Path | None, count: int) -> bool:
+    """Whether -o names one output file (rather than a folder); a file needs exactly one input."""
+    return output is not None and not output.is_dir() and is_supported(output) and count == 1
+
+
+def output_for(source: Source, output: Path | None, as_file: bool) -> Path:
+    """`<stem>_denoised<ext>` beside the input, inside the -o folder (keeping subfolders), or -o itself."""
+    if as_file and output is not None:
+        return output
+    name = f"{source.path.stem}{SUFFIX}{source.path.suffix}"
+    if output is None:
+        return source.path.with_name(name)
+    return output / source.relative.with_name(name)

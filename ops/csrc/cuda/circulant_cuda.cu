@@ -1,0 +1,251 @@
+// Materialised circulant ops: the windowed similarity S (B, G, H, W, K) of two feature maps and
+// the apply of such a weight tensor to a feature map, in both directions.
+#include <ATen/Dispatch.h>
+
+#include "common.cuh"
+
+namespace circatt {
+
+// ---------------------------------------------------------------- similarity
+
+struct SimSmem {
+  int q, k, kn, qn, buf, cmap, bytes;
+};
+
+template <typename A>
+__host__ __device__ SimSmem sim_smem(const Geom& g, int C, bool dist) {
+  Bump b;
+  SimSmem s;
+  s.q = b.take((long long)C * g.npix * sizeof(A));
+  s.k = b.take((long long)(C > 0 ? C : 1) * g.ps * sizeof(A));
+  s.kn = b.take(dist ? (long long)g.TI * g.rs * sizeof(A) : 0);
+  s.qn = b.take(dist ? (long long)g.npix * sizeof(A) : 0);
+  s.buf = b.take((long long)g.npix * g.L * sizeof(A));
+  s.cmap = b.take((long long)g.cols * sizeof(int));
+  s.bytes = b.bytes;
+  return s;
+}
+
+// S[p, a*ws + c] = q_p . k_{p + (a-r, c-r)}   (distance: -|q_p - k_.|^2 / 2, expanded as
+// q.k - |q|^2/2 - |k|^2/2 with the norms taken once per pixel). One window row per step;
+// the step's (pixel, column) buffer is written out by warps, one pixel row of ws at a time.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    similarity_kernel(const T* __restrict__ q, const T* __restrict__ k, T* __restrict__ S, int C, Geom g, bool dist) {
+  using A = acc_t<T>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const SimSmem lay = sim_smem<A>(g, C, dist);
+  A* qs = reinterpret_cast<A*>(smem + lay.q);
+  A* ks = reinterpret_cast<A*>(smem + lay.k);
+  A* kn = dist ? reinterpret_cast<A*>(smem + lay.kn) : nullptr;
+  A* qn = reinterpret_cast<A*>(smem + lay.qn);
+  A* buf = reinterpret_cast<A*>(smem + lay.buf);
+  int* cmap = reinterpret_cast<int*>(smem + lay.cmap);
+
+  int i0, j0;
+  tile_origin(g, i0, j0);
+  const int64_t HW = int64_t(g.H) * g.W, K = int64_t(g.ws) * g.ws;
+  const int64_t plane = blockIdx.y;
+  const T* qb = q + plane * C * HW;
+  const T* kb = k + plane * C * HW;
+  T* Sb = S + plane * HW * K;
+
+  halo_columns(cmap, g, j0);
+  stage_tile(qs, qb, C, g, i0, j0);
+  if (dist) tile_norms(qn, qb, C, g, i0, j0);
+  __syncthreads();
+  for (int rr = 0; rr + 1 < g.TI; ++rr) stage_ring_row(ks, kn, kb, C, g, wrap(i0 - g.r + rr, g.H), rr, cmap);
+
+  for (int a = 0; a < g.ws; ++a) {
+    const int rr = a + g.TI - 1;
+    stage_ring_row(ks, kn, kb, C, g, wrap(i0 - g.r + rr, g.H), rr % g.TI, cmap);
+    __syncthreads();
+    for (int t = threadIdx.x; t < g.ndot; t += blockDim.x) dot_tile(t, buf, qs, C, ks, kn, g, a);
+    __syncthreads();
+    for (int p = warp_id(); p < g.npix; p += num_warps()) {
+      const int i = p / g.TJ, jj = p - i * g.TJ;
+      if (i0 + i >= g.H || j0 + jj >= g.W) continue;
+      const A sub = dist ? A(0.5) * qn[p] : A(0);
+      const A* src = buf + p * g.L + (kRJ - 1);
+      T* dst = Sb + (int64_t(i0 + i) * g.W + (j0 + jj)) * K + int64_t(a) * g.ws;
+      for (int c = lane_id(); c < g.ws; c += 32) dst[c] = static_cast<T>(src[c] - sub);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- apply
+
+struct ApplySmem {
+  int x, buf, cmap, bytes;
+};
+
+template <typename A>
+__host__ __device__ ApplySmem apply_smem(const Geom& g, int CB) {
+  Bump b;
+  ApplySmem s;
+  s.x = b.take((long long)(CB > 0 ? CB : 1) * g.ps * sizeof(A));
+  s.buf = b.take((long long)g.npix * g.L * sizeof(A));
+  s.cmap = b.take((long long)g.cols * sizeof(int));
+  s.bytes = b.bytes;
+  return s;
+}
+
+// y[ch, p] = sum_{a,c} w_p(a, c) * x[ch, p + (a-r, c-r)], where w_p(a, c) is
+//   A[p, a, c]                                   (not transposed), or
+//   A[p + (a-r, c-r), ws-1-a, ws-1-c]            (transposed: the rows whose window holds p).
+// Per window row the weights are staged into the zero-padded buffer (coalesced: runs of a
+// pixel's ws values, or, transposed, runs along one source pixel's slots), then accumulated
+// against the x ring. Block z takes channels [z*NG*RC, (z+1)*NG*RC).
+template <typename T, int RC>
+__global__ void __launch_bounds__(kThreads)
+    apply_kernel(const T* __restrict__ Aw, const T* __restrict__ x, T* __restrict__ y, int C, int NG, Geom g,
+                 bool transposed) {
+  using A = acc_t<T>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int CB = NG * RC;
+  const ApplySmem lay = apply_smem<A>(g, CB);
+  A* xs = reinterpret_cast<A*>(smem + lay.x);
+  A* buf = reinterpret_cast<A*>(smem + lay.buf);
+  int* cmap = reinterpret_cast<int*>(smem + lay.cmap);
+
+  int i0, j0;
+  tile_origin(g, i0, j0);
+  const int64_t HW = int64_t(g.H) * g.W, K = int64_t(g.ws) * g.ws;
+  const int64_t plane = blockIdx.y;
+  const int cb0 = blockIdx.z * CB;
+  const int cbn = min(CB, C - cb0);
+  const T* Ab = Aw + plane * HW * K;
+  const T* xb = x + (plane * C + cb0) * HW;
+  T* yb = y + (plane * C + cb0) * HW;
+
+  for (int idx = threadIdx.x; idx < g.npix * g.L; idx += blockDim.x) buf[idx] = A(0);
+  halo_columns(cmap, g, j0);
+  __syncthreads();
+  for (int rr = 0; rr + 1 < g.TI; ++rr)
+    stage_ring_row(xs, static_cast<A*>(nullptr), xb, cbn, g, wrap(i0 - g.r + rr, g.H), rr, cmap);
+
+  const int ngj = g.TJ / kRJ;
+  const int tt = threadIdx.x;
+  const bool owner = tt < g.TI * ngj * NG;
+  const int jg = tt % ngj, grp = (tt / ngj) % NG, ti = tt / (ngj * NG);
+  A acc[kRJ][RC];
+#pragma unroll
+  for (int p = 0; p < kRJ; ++p)
+#pragma unroll
+    for (int rc = 0; rc < RC; ++rc) acc[p][rc] = A(0);
+
+  const int per = 32 / g.TJ > 0 ? 32 / g.TJ : 1;  // transposed staging: positions per warp
+  for (int a = 0; a < g.ws; ++a) {
+    if (a > 0) __syncthreads();
+    const int rr = a + g.TI - 1;
+    stage_ring_row(xs, static_cast<A*>(nullptr), xb, cbn, g, wrap(i0 - g.r + rr, g.H), rr % g.TI, cmap);
+    if (!transposed) {
+      for (int p = warp_id(); p < g.npix; p += num_warps()) {
+        const int i = p / g.TJ, jj = p - i * g.TJ;
+        const T* src = Ab + (int64_t(wrap(i0 + i, g.H)) * g.W + wrap(j0 + jj, g.W)) * K + int64_t(a) * g.ws;
+        A* dst = buf + p * g.L + (kRJ - 1);
+        for (int c = lane_id(); c < g.ws; c += 32) dst[c] = static_cast<A>(src[c]);
+      }
+    } else {
+      // position (i, u): source pixel (i0+i+a-r, halo column u); lanes walk output columns jj,
+      // whose window column is cp = u - jj, i.e. source slot (ws-1-a, ws-1-cp): consecutive.
+      const int slot_row = (g.ws - 1 - a) * g.ws + (g.ws - 1);
+      const int npos = g.TI * g.cols;
+      const int jj = lane_id() % g.TJ;
+      for (int pos = warp_id() * per + lane_id() / g.TJ; pos < npos; pos += num_warps() * per) {
+        const int i = pos / g.cols, u = pos - i * g.cols;
+        const int cp = u - jj;
+        if (cp < 0 || cp >= g.ws) continue;
+        const int srow = wrap(i0 + i + a - g.r, g.H);
+        buf[(i * g.TJ + jj) * g.L + (kRJ - 1) + cp] =
+            static_cast<A>(Ab[(int64_t(srow) * g.W + cmap[u]) * K + slot_row - cp]);
+      }
+    }
+    __syncthreads();
+    if (owner) accumulate<RC>(acc, buf, xs, cbn, grp, NG, g, ti, jg, a);
+  }
+
+  if (owner) {
+#pragma unroll
+    for (int rc = 0; rc < RC; ++rc) {
+      const int ch = grp + NG * rc;
+      if (ch >= cbn) continue;
+#pragma unroll
+      for (int p = 0; p < kRJ; ++p) {
+        const int jj = jg * kRJ + p;
+        if (i0 + ti < g.H && j0 + jj < g.W)
+          yb[ch * HW + int64_t(i0 + ti) * g.W + (j0 + jj)] = static_cast<T>(acc[p][rc]);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- host entry points
+
+at::Tensor similarity(const at::Tensor& q_, const at::Tensor& k_, int64_t window, bool distance) {
+  check_real_cuda(q_, "q");
+  check_like(k_, "k", q_, "q");
+  check_dims(q_, "q", 5, "(B, heads, C, H, W)");
+  TORCH_CHECK(q_.sizes() == k_.sizes(), "circatt cuda: similarity needs q and k of one shape, got ", q_.sizes(),
+              " and ", k_.sizes());
+  const int64_t B = q_.size(0), G = q_.size(1), C = q_.size(2), H = q_.size(3), W = q_.size(4);
+  check_window(window, H, W);
+  const c10::cuda::CUDAGuard guard(q_.device());
+  const at::Tensor q = q_.contiguous(), k = k_.contiguous();
+  at::Tensor S = new_output({B, G, H, W, window * window}, q.options());
+  if (S.numel() == 0) return S;
+  check_planes(B * G, 1);
+  const int ws = int(window);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "circatt_similarity", [&] {
+    using A = acc_t<scalar_t>;
+    const Launch l = choose_launch(
+        int(H), int(W), ws, 0, 1, [&](const Geom& g) { return sim_smem<A>(g, int(C), distance).bytes; },
+        "similarity");
+    auto kernel = similarity_kernel<scalar_t>;
+    allow_smem(kernel, l.smem);
+    const dim3 grid(unsigned((H + l.g.TI - 1) / l.g.TI * l.g.tiles_j), unsigned(B * G));
+    kernel<<<grid, l.threads, l.smem, c10::cuda::getCurrentCUDAStream()>>>(
+        q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), S.data_ptr<scalar_t>(), int(C), l.g, distance);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return S;
+}
+
+at::Tensor apply(const at::Tensor& A_, const at::Tensor& x_, int64_t window, bool transposed) {
+  check_real_cuda(x_, "x");
+  check_like(A_, "A", x_, "x");
+  check_dims(x_, "x", 5, "(B, heads, C, H, W)");
+  check_dims(A_, "A", 5, "(B, heads, H, W, window*window)");
+  const int64_t B = x_.size(0), G = x_.size(1), C = x_.size(2), H = x_.size(3), W = x_.size(4);
+  check_window(window, H, W);
+  TORCH_CHECK(A_.size(0) == B && A_.size(1) == G && A_.size(2) == H && A_.size(3) == W &&
+                  A_.size(4) == window * window,
+              "circatt cuda: apply needs A of shape (", B, ", ", G, ", ", H, ", ", W, ", ", window * window,
+              ") for x of shape ", x_.sizes(), " and window ", window, ", got ", A_.sizes());
+  const c10::cuda::CUDAGuard guard(x_.device());
+  const at::Tensor Aw = A_.contiguous(), x = x_.contiguous();
+  at::Tensor y = new_output(x.sizes(), x.options());
+  if (y.numel() == 0) return y;
+  const int ws = int(window);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "circatt_apply", [&] {
+    using A = acc_t<scalar_t>;
+    constexpr int RC = AccumChannels<scalar_t>::value;
+    const int groups_needed = int((C + RC - 1) / RC);
+    const int NG = groups_needed < 32 ? groups_needed : 32;
+    const int chunks = int((C + NG * RC - 1) / (NG * RC));
+    check_planes(B * G, chunks);
+    const Launch l = choose_launch(
+        int(H), int(W), ws, NG, 0, [&](const Geom& g) { return apply_smem<A>(g, NG * RC).bytes; }, "apply");
+    auto kernel = apply_kernel<scalar_t, RC>;
+    allow_smem(kernel, l.smem);
+    const dim3 grid(unsigned((H + l.g.TI - 1) / l.g.TI * l.g.tiles_j), unsigned(B * G), unsigned(chunks));
+    kernel<<<grid, l.threads, l.smem, c10::cuda::getCurrentCUDAStream()>>>(
+        Aw.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), int(C), NG, l.g, transposed);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return y;
+}
+
+void set_poison_outputs(bool on) { poison_outputs() = on; }
+
+}  // namespace circatt

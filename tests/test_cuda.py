@@ -1,0 +1,108 @@
+"""CUDA kernels against the reference backend: fresh random inputs, poisoned outputs, gradcheck.
+
+Skipped without a GPU; run on the device machine whenever kernels change.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.autograd import gradcheck
+
+import circatt_ops as ca
+from conftest import poison_allocator
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+# (B, C, H, W, window, heads)
+SHAPES = [(2, 8, 20, 28, 5, 1), (1, 16, 33, 17, 15, 4), (2, 64, 64, 64, 35, 1), (1, 6, 9, 11, 1, 2)]
+TOL = {
+    torch.float64: dict(rtol=1e-10, atol=1e-10),
+    torch.float32: dict(rtol=1e-4, atol=1e-4),
+    torch.complex64: dict(rtol=1e-4, atol=1e-4),
+    torch.float16: dict(rtol=2e-2, atol=2e-2),
+    torch.bfloat16: dict(rtol=5e-2, atol=5e-2),
+}
+
+
+def _pair(shape, dtype, scale=1.0):
+    B, C, H, W, window, heads = shape
+    q = torch.randn(B, C, H, W, device="cuda", dtype=torch.float64) * scale
+    k = torch.randn(B, C, H, W, device="cuda", dtype=torch.float64) * scale
+    return q, k
+
+
+def _close(got, want, dtype):
+    assert torch.isfinite(got).all(), "an output was left unwritten (NaN from the poisoned allocator)"
+    torch.testing.assert_close(got.to(want.dtype), want, **TOL[dtype])
+
+
+def _hi(t):
+    """The float64 / complex128 CPU copy the reference runs on."""
+    return t.cpu().to(torch.complex128 if t.is_complex() else torch.float64)
+
+
+def _cast(t, dtype):
+    return t.to(dtype) if not dtype.is_complex else torch.complex(t, torch.randn_like(t)).to(dtype)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("kind", ["dot", "distance"])
+@pytest.mark.parametrize("dtype", list(TOL))
+def test_similarity_and_apply(shape, kind, dtype):
+    window, heads = shape[4], shape[5]
+    scale = 0.3 if dtype in (torch.float16, torch.bfloat16) else 1.0
+    q, k = (_cast(t, dtype) for t in _pair(shape, dtype, scale))
+    want = ca.similarity(_hi(q), _hi(k), window, kind=kind, heads=heads, backend="reference")
+    poison_allocator("cuda")
+    got = ca.similarity(q, k, window, kind=kind, heads=heads, backend="cuda")
+    _close(got.flat_values.cpu(), want.flat_values, dtype)
+
+    A = want.softmax()
+    x = _cast(torch.randn(shape[0], 2 * heads, *shape[2:4], dtype=torch.float64), dtype)
+    real = x.real.dtype if x.is_complex() else x.dtype
+    Ad = A.to(device="cuda", dtype=real)
+    for transposed in (False, True):
+        ref = (A.apply_transposed if transposed else A.apply)(_hi(x))
+        poison_allocator("cuda")
+        out = (Ad.apply_transposed if transposed else Ad.apply)(x.cuda(), backend="cuda")
+        _close(out.cpu(), ref, dtype)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("kind", ["dot", "distance"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_fused_attention_forward_and_backward(shape, kind, dtype):
+    B, C, H, W, window, heads = shape
+    scale = 0.3 if dtype in (torch.float16, torch.bfloat16) else 1.0
+    q, k = (t.to(dtype) for t in _pair(shape, dtype, scale))
+    v = torch.randn(B, 2 * heads, H, W, device="cuda").to(dtype)
+    dy = torch.randn_like(v)
+    leaves = [t.detach().double().cpu().requires_grad_() for t in (q, k, v)]
+    ref = ca.attention(*leaves, window, kind=kind, heads=heads, backend="reference")
+    ref.backward(dy.double().cpu())
+    got_leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    poison_allocator("cuda")
+    y = ca.attention(*got_leaves, window, kind=kind, heads=heads, backend="cuda")
+    _close(y.detach().cpu(), ref.detach(), dtype)
+    poison_allocator("cuda")
+    y.backward(dy)
+    for got, want in zip(got_leaves, leaves):
+        _close(got.grad.cpu(), want.grad, dtype)
+
+
+@pytest.mark.parametrize("kind", ["dot", "distance"])
+def test_gradcheck_cuda(kind):
+    q, k = (t.requires_grad_() for t in _pair((1, 4, 6, 7, 3, 2), torch.float64))
+    v = torch.randn(1, 2, 6, 7, device="cuda", dtype=torch.float64, requires_grad=True)
+    x = torch.randn(1, 2, 6, 7, device="cuda", dtype=torch.float64, requires_grad=True)
+    assert gradcheck(lambda q, k, v: ca.attention(q, k, v, 3, kind=kind, heads=2, backend="cuda"), (q, k, v), fast_mode=True)
+    assert gradcheck(lambda q, k, x: ca.adjacency(q, k, 3, kind=kind, heads=2, backend="cuda").apply(x, backend="cuda"), (q, k, x), fast_mode=True)
+    assert gradcheck(lambda q, k, x: ca.adjacency(q, k, 3, kind=kind, heads=2, backend="cuda").apply_transposed(x, backend="cuda"), (q, k, x), fast_mode=True)
+
+
+def test_complex_on_cuda_matches_reference():
+    q, k = (torch.randn(1, 4, 9, 10, dtype=torch.complex64, device="cuda") for _ in range(2))
+    v = torch.randn(1, 4, 9, 10, dtype=torch.complex64, device="cuda")
+    want = ca.attention(_hi(q), _hi(k), _hi(v), 5, heads=2, backend="reference")
+    _close(ca.attention(q, k, v, 5, heads=2, backend="cuda").cpu(), want, torch.complex64)

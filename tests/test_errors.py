@@ -1,0 +1,58 @@
+"""Every bad input gets a ValueError or TypeError naming the argument and the fix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import circatt_ops as ca
+
+q = torch.randn(1, 4, 8, 9)
+
+
+@pytest.mark.parametrize(
+    "call, error, words",
+    [
+        (lambda: ca.similarity(q, q, 4), ValueError, ["window", "odd"]),
+        (lambda: ca.similarity(q, q, 0), ValueError, ["window", "odd"]),
+        (lambda: ca.similarity(q, q, 9), ValueError, ["window 9", "larger than the image", "at most 7"]),
+        (lambda: ca.similarity(q, q, 3.0), TypeError, ["window", "int"]),
+        (lambda: ca.similarity(q, torch.randn(1, 4, 8, 10), 3), ValueError, ["k", "shape"]),
+        (lambda: ca.similarity(q, q.double(), 3), TypeError, ["k", "float64", ".to("]),
+        (lambda: ca.similarity(q, q, 3, heads=3), ValueError, ["4 channels", "3 heads"]),
+        (lambda: ca.similarity(q, q, 3, heads=0), ValueError, ["heads"]),
+        (lambda: ca.similarity(q[0], q[0], 3), ValueError, ["q", "4-D"]),
+        (lambda: ca.similarity(q.numpy(), q, 3), TypeError, ["q", "torch.Tensor"]),
+        (lambda: ca.similarity(q.int(), q.int(), 3), TypeError, ["q", "dtype", "float32"]),
+        (lambda: ca.similarity(q.half(), q.half(), 3), TypeError, ["CUDA only", ".float()"]),
+        (lambda: ca.similarity(q, q, 3, kind="cosine"), ValueError, ["kind", "dot", "distance"]),
+        (lambda: ca.similarity(q, q, 3, backend="gpu"), ValueError, ["backend", "reference"]),
+        (lambda: ca.attention(q, q, torch.randn(1, 4, 8, 8), 3), ValueError, ["v", "spatial size"]),
+        (lambda: ca.attention(q, q, torch.randn(1, 3, 8, 9), 3, heads=2), ValueError, ["v", "3 channels", "2 heads"]),
+        (lambda: ca.attention(q, q, q.double(), 3), TypeError, ["v", "precision"]),
+        (lambda: ca.adjacency(q, q, 3).apply(torch.randn(1, 4, 9, 8)), ValueError, ["x", "match"]),
+        (lambda: ca.adjacency(q, q, 3).apply(q.double()), TypeError, ["x", "precision"]),
+        (lambda: ca.adjacency(q, q, 3) + ca.adjacency(q, q, 5), ValueError, ["pattern", "window"]),
+        (lambda: ca.adjacency(q, q, 3) * torch.ones(3, 1), ValueError, ["(B or 1, heads or 1)"]),
+        (lambda: ca.adjacency(q, q, 3).sum("diagonal"), ValueError, ["dim", "rows", "columns"]),
+        (lambda: ca.cat([ca.adjacency(q, q, 3), ca.adjacency(q, q, 5)]), ValueError, ["pattern"]),
+        (lambda: ca.Circulant(torch.randn(1, 1, 4, 4, 8), 3), ValueError, ["values", "9"]),
+    ],
+)
+def test_bad_input_names_argument_and_fix(call, error, words):
+    with pytest.raises(error) as info:
+        call()
+    for word in words:
+        assert word in str(info.value), f"{word!r} not in {info.value}"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+def test_cuda_backend_without_cuda_is_an_error():
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        ca.similarity(q, q, 3, backend="cuda")
+
+
+def test_cpu_backend_on_wrong_device_names_the_fix(monkeypatch):
+    meta = torch.randn(1, 2, 5, 5, device="meta")
+    with pytest.raises(ValueError, match=r"backend='cpu' needs CPU tensors.*\.cpu\(\)"):
+        ca.similarity(meta, meta, 3, backend="cpu")
