@@ -55,8 +55,10 @@ def check_kind(kind: object) -> str:
 
 
 def check_heads(heads: object, channels: int, name: str = "q") -> int:
-    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
-        raise ValueError(f"heads must be a positive int, got {heads!r}")
+    if isinstance(heads, bool) or not isinstance(heads, int):
+        raise TypeError(f"heads must be a positive int, got {heads!r}")
+    if heads < 1:
+        raise ValueError(f"heads must be >= 1, got {heads}; use heads=1 for single-head attention")
     if channels % heads:
         raise ValueError(
             f"{name} has {channels} channels, which do not split into {heads} heads; "

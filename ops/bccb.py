@@ -17,66 +17,15 @@ import math
 import torch
 from torch import Tensor
 
+from ._checks import check_4d, check_dtype, check_heads, check_pair
+
 __all__ = ["BCCB", "bccb_attention"]
 
 DENSE_LIMIT = 4096
-_FFT_DTYPES = (torch.float32, torch.float64, torch.complex64, torch.complex128)
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 _KERNEL_DTYPES = (torch.float32, torch.float64)
 _SHADES = " .:-=+*#%@"
 _PICTURE_MAX = (8, 32)
-
-
-def _check_4d(name: str, t: object) -> None:
-    """Require a (B, C, H, W) tensor."""
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape (B, C, H, W), got {type(t).__name__}")
-    if t.dim() != 4:
-        raise ValueError(
-            f"{name} must be 4-D (B, C, H, W), got shape {tuple(t.shape)}; "
-            f"add missing dimensions with {name}[None] or reshape it"
-        )
-
-
-def _check_dtype(name: str, t: Tensor) -> None:
-    """float32/64 and complex64/128 everywhere; float16/bfloat16 on CUDA (computed in float32)."""
-    if t.dtype in _FFT_DTYPES:
-        return
-    if t.dtype in _HALF_DTYPES:
-        if t.device.type != "cuda":
-            raise TypeError(f"{name} is {t.dtype}, which is supported on CUDA only; use {name}.float() on the CPU")
-        return
-    raise TypeError(
-        f"{name} has dtype {t.dtype}; use float32, float64, complex64 or complex128 "
-        f"(float16/bfloat16 on CUDA), e.g. {name}.float()"
-    )
-
-
-def _check_heads(heads: object, channels: int, name: str) -> int:
-    """A positive int number of heads that divides the channels."""
-    if isinstance(heads, bool) or not isinstance(heads, int):
-        raise TypeError(f"heads must be a positive int, got {heads!r}")
-    if heads < 1:
-        raise ValueError(f"heads must be >= 1, got {heads}; use heads=1 for single-head attention")
-    if channels % heads:
-        raise ValueError(
-            f"{name} has {channels} channels, which do not split into {heads} heads; "
-            f"use a number of heads that divides {channels}"
-        )
-    return heads
-
-
-def _check_pair(name_a: str, a: Tensor, name_b: str, b: Tensor, *, same_channels: bool) -> None:
-    """Two (B, C, H, W) inputs that agree in device, dtype, batch and grid (and channels if asked)."""
-    if a.device != b.device:
-        raise ValueError(f"{name_a} is on {a.device} but {name_b} is on {b.device}; move both to one device with .to()")
-    if a.dtype != b.dtype:
-        raise TypeError(f"{name_a} is {a.dtype} but {name_b} is {b.dtype}; convert one with .to({a.dtype})")
-    want = tuple(a.shape) if same_channels else (a.shape[0], *a.shape[2:])
-    got = tuple(b.shape) if same_channels else (b.shape[0], *b.shape[2:])
-    if want != got:
-        what = "shape" if same_channels else "batch and grid size"
-        raise ValueError(f"{name_b} must match the {what} of {name_a}: {tuple(a.shape)} vs {tuple(b.shape)}")
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -193,9 +142,9 @@ class BCCB:
             x: (B, C, H, W) with C divisible by heads, the kernel's precision (real or complex);
                 float16/bfloat16 on CUDA with a float32 kernel, returned in x's dtype.
         """
-        _check_4d("x", x)
-        _check_dtype("x", x)
-        _check_heads(self.heads, x.shape[1], "x")
+        check_4d("x", x)
+        check_dtype("x", x)
+        check_heads(self.heads, x.shape[1], "x")
         B, H, W = self.batch, *self.spatial_size
         if x.device != self.device:
             raise ValueError(f"x is on {x.device} but the kernel is on {self.device}; move x with x.to({str(self.device)!r})")
@@ -257,12 +206,12 @@ def bccb_attention(
         y of v's shape and dtype, or ``(y, BCCB)`` when ``return_kernel``.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_4d(name, t)
-    _check_dtype("q", q)
-    _check_pair("q", q, "k", k, same_channels=True)
-    _check_pair("q", q, "v", v, same_channels=False)
-    _check_heads(heads, q.shape[1], "q")
-    _check_heads(heads, v.shape[1], "v")
+        check_4d(name, t)
+    check_dtype("q", q)
+    check_pair("q", q, "k", k, same_channels=True)
+    check_pair("q", q, "v", v, same_channels=False)
+    check_heads(heads, q.shape[1], "q")
+    check_heads(heads, v.shape[1], "v")
     compute = _compute_dtype(q.dtype)
     w = _grid_softmax(_correlation_logits(q.to(compute), k.to(compute), heads))
     kernel = BCCB(w)

@@ -140,7 +140,7 @@ ERRORS = [
     (lambda: bccb_attention(Q[0], Q[0], Q[0]), ValueError, r"q must be 4-D.*q\[None\]"),
     (lambda: bccb_attention(Q, Q, Q[0]), ValueError, "v must be 4-D"),
     (lambda: bccb_attention(Q, Q[:, :2], Q), ValueError, "k must match the shape of q"),
-    (lambda: bccb_attention(Q, Q, Q[..., :4]), ValueError, "v must match the batch and grid size of q"),
+    (lambda: bccb_attention(Q, Q, Q[..., :4]), ValueError, "v must match the batch and spatial size of q"),
     (lambda: bccb_attention(Q, Q.double(), Q), TypeError, r"k is torch.float64.*\.to\(torch.float32\)"),
     (lambda: bccb_attention(Q, Q, Q.double()), TypeError, "v is torch.float64"),
     (lambda: bccb_attention(Q, Q.to("meta"), Q), ValueError, "k is on meta.*move both"),
