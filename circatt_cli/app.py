@@ -21,6 +21,9 @@ COMMAND_MODULES = [
     "circatt_cli.info",
     "circatt_cli.bench",
     "circatt_cli.denoise",
+    "circatt_cli.inspect",
+    "circatt_cli.train",
+    "circatt_cli.evaluate",
 ]
 
 

@@ -28,17 +28,18 @@ import circatt_ops
 from circatt_ops import backends
 
 from . import __version__
-from .peers import INPUT_ROLES, OPS, OUTPUT_ROLE, Case, CirculantPeer, Peer, all_peers
-from .timing import Ceilings, Timing, input_sets_needed, measure, measure_ceilings, synchronize
+from .peers import INPUT_ROLES, OPS, OUTPUT_ROLE, Case, CirculantPeer, Peer, Unavailable, all_peers
+from .timing import MIN_RUNS, Ceilings, Timing, input_sets_needed, measure, measure_ceilings, synchronize
 
 SHAPES = ("S1", "S2", "train", "sweep")
 MODES = ("fwd", "fwd+bwd")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TOLERANCE = {torch.float32: 5e-3, torch.bfloat16: 5e-2}
 SWEEP_SIZES = {"cuda": "64,128,256,512,1024,2048", "cpu": "64,128,256"}
-QUICK = {"shapes": "sweep", "sizes": "32,64", "windows": "7", "repeat": 5, "warmup": 1, "budget": 0.5, "model_sizes": "128"}
+QUICK = {"shapes": "sweep", "sizes": "32,48", "windows": "7", "repeat": 5, "warmup": 1, "budget": 0.3, "model_sizes": "32"}
 MODEL_SIZES = "256,512,1024,1920x1080"
-NOT_COMPARED = ("bccb",)  # a different op: timed beside ours, never in the speed-up columns
+NOT_COMPARED = ("bccb",)
+_CHUNK = 1 << 24  # a different op: timed beside ours, never in the speed-up columns
 
 
 # ----- FLOP and byte counts: the one place ---------------------------------------------------------
@@ -150,6 +151,9 @@ class Settings:
     seed: int
     model: bool
     model_sizes: tuple[tuple[int, int], ...]
+    model_kinds: tuple[str, ...]
+    model_tiled: bool
+    model_min_runs: int
     quick: bool
 
 
@@ -175,7 +179,8 @@ def memory_budget(device: torch.device) -> int:
     """Bytes a row may use: 80% of the free GPU memory, or half the available RAM."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(0.8 * free)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(0.8 * (free + cached))
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
@@ -224,37 +229,46 @@ def grad_output(op: str, case: Case, device: torch.device, dtype: torch.dtype, s
     return torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
 
 
+def _native_inputs(peer: Peer, op: str, case: Case, inputs: Sequence[torch.Tensor], grad: torch.Tensor | None) -> list[torch.Tensor]:
+    """The inputs in the peer's layout, as leaves that require grad when a backward is wanted."""
+    return [peer.native(t, r, case).detach().requires_grad_(grad is not None) for t, r in zip(inputs, INPUT_ROLES[op])]
+
+
 def run_once(peer: Peer, op: str, case: Case, inputs: Sequence[torch.Tensor], grad: torch.Tensor | None) -> list[torch.Tensor]:
     """The peer's output (and the gradients of its inputs when `grad` is given), all in our layout."""
-    roles = INPUT_ROLES[op]
-    native = [peer.native(t, r, case).detach().requires_grad_(grad is not None) for t, r in zip(inputs, roles)]
+    native = _native_inputs(peer, op, case, inputs, grad)
     with torch.set_grad_enabled(grad is not None):
         out = peer.run(op, case, *native)
         results = [peer.standard(out, OUTPUT_ROLE[op], case).detach()]
         if grad is not None:
             grads = torch.autograd.grad(out, native, peer.native(grad, OUTPUT_ROLE[op], case))
-            results += [peer.standard(g, r, case) for g, r in zip(grads, roles)]
+            results += [peer.standard(g, r, case) for g, r in zip(grads, INPUT_ROLES[op])]
     return results
+
+
+def _max_abs_diff(a: torch.Tensor, b: torch.Tensor | None = None) -> float:
+    """max |a - b| (or max |a|), chunk by chunk so that a 20 GB output needs no 20 GB temporary; inf on NaN."""
+    worst = 0.0
+    chunks = b.reshape(-1).split(_CHUNK) if b is not None else [None] * math.ceil(a.numel() / _CHUNK)
+    for x, y in zip(a.reshape(-1).split(_CHUNK), chunks):
+        d = x.float() if y is None else x.float() - y.float()
+        m = d.abs().max().item() if d.numel() else 0.0
+        if not math.isfinite(m):
+            return math.inf
+        worst = max(worst, m)
+    return worst
 
 
 def max_rel_err(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> float:
     """The largest max|got - want| / max|want| over the outputs (inf for a NaN, a wrong shape or a wrong count)."""
-    if len(got) != len(want):
+    if len(got) != len(want) or any(a.shape != b.shape for a, b in zip(got, want)):
         return math.inf
-    worst = 0.0
-    for a, b in zip(got, want):
-        if a.shape != b.shape:
-            return math.inf
-        a, b = a.double(), b.double()
-        err = ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
-        worst = max(worst, err if math.isfinite(err) else math.inf)
-    return worst
+    return max((_max_abs_diff(a, b) / max(_max_abs_diff(b), 1e-30) for a, b in zip(got, want)), default=0.0)
 
 
 def timed_call(peer: Peer, op: str, case: Case, inputs: Sequence[torch.Tensor], grad: torch.Tensor | None) -> Callable[[], object]:
     """A closure running the op once on native inputs prepared now (outside the timed region)."""
-    roles = INPUT_ROLES[op]
-    native = [peer.native(t, r, case).detach().requires_grad_(grad is not None) for t, r in zip(inputs, roles)]
+    native = _native_inputs(peer, op, case, inputs, grad)
     if grad is None:
 
         def forward() -> object:
@@ -297,7 +311,7 @@ def _oracle(group: Group, inputs: Sequence[torch.Tensor], grad: torch.Tensor | N
     return run_once(ref, group.op, group.case, up, None if grad is None else grad.float()), ""
 
 
-def _measure_row(row: Row, group: Group, peer: Peer, sets: list, settings: Settings, ceilings: Ceilings) -> None:
+def _measure_row(row: Row, group: Group, peer: Peer, sets: list, settings: Settings, ceilings: Ceilings | None) -> None:
     """Time the peer on the rotated input sets and fill the row's numbers."""
     calls = [timed_call(peer, group.op, group.case, inputs, grad) for inputs, grad in sets]
     timing = measure(calls, settings.device, settings.warmup, settings.repeat, settings.budget_s)
@@ -337,10 +351,11 @@ def _skip_reason(peer: Peer, group: Group, settings: Settings, budget: int) -> s
     return None
 
 
-def _bench_peer(peer: Peer, group: Group, sets: list, oracle: list | None, note: str, settings: Settings, ceilings: Ceilings) -> Row:
+def _bench_peer(peer: Peer, group: Group, sets: list, oracle: list | None, note: str, settings: Settings, ceilings: Ceilings | None) -> Row:
     """Check one implementation against the oracle, then time it; WRONG rows stay untimed."""
     row = group.row(peer.name, "ok", note if peer.comparable else "global op, not comparable: unchecked")
     peer.prepare(group.op, group.case, settings.device)
+    row.note = "; ".join(n for n in (row.note, peer.note(group.case, settings.device)) if n)
     inputs, grad = sets[0]
     got = run_once(peer, group.op, group.case, inputs, grad)
     if peer.comparable and oracle is not None:
@@ -356,11 +371,11 @@ def _bench_peer(peer: Peer, group: Group, sets: list, oracle: list | None, note:
     return row
 
 
-def bench_group(group: Group, peers: Sequence[Peer], settings: Settings, ceilings: Ceilings) -> list[Row]:
+def bench_group(group: Group, peers: Sequence[Peer], settings: Settings, ceilings: Ceilings | None) -> list[Row]:
     """Every implementation on one group's inputs: skipped, WRONG, error, unchecked or ok."""
-    device, budget = settings.device, memory_budget(settings.device)
+    budget = memory_budget(settings.device)
     todo, rows = [], []
-    for peer in peers:
+    for peer in (p for p in peers if group.op in p.ops):
         reason = _skip_reason(peer, group, settings, budget)
         if reason:
             rows.append(group.row(peer.name, "skipped", reason))
@@ -368,17 +383,28 @@ def bench_group(group: Group, peers: Sequence[Peer], settings: Settings, ceiling
             todo.append(peer)
     if not todo:
         return rows
-    backward = group.mode == "fwd+bwd"
-    first = make_inputs(group.op, group.case, device, group.dtype, settings.seed)
-    n_sets = input_sets_needed(sum(t.numel() * t.element_size() for t in first), device)
-    sets = [(first, grad_output(group.op, group.case, device, group.dtype, settings.seed) if backward else None)]
-    for i in range(1, n_sets):
-        seed = settings.seed + 1000 * i
-        sets.append((make_inputs(group.op, group.case, device, group.dtype, seed), grad_output(group.op, group.case, device, group.dtype, seed) if backward else None))
-    oracle, note = _oracle(group, first, sets[0][1], budget)
+    try:
+        sets = _input_sets(group, settings)
+        oracle, note = _oracle(group, *sets[0], budget)
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return rows + [group.row(peer.name, "skipped", "out of memory for the inputs and the reference") for peer in todo]
     for peer in todo:
         rows.append(_guarded(lambda p=peer: _bench_peer(p, group, sets, oracle, note, settings, ceilings), group.row(peer.name, "error")))
     return rows
+
+
+def _input_sets(group: Group, settings: Settings) -> list[tuple[tuple[torch.Tensor, ...], torch.Tensor | None]]:
+    """(inputs, output cotangent or None) per set; several sets when one fits in the cache (see timing.py)."""
+    backward = group.mode == "fwd+bwd"
+
+    def one(seed: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
+        inputs = make_inputs(group.op, group.case, settings.device, group.dtype, seed)
+        return inputs, grad_output(group.op, group.case, settings.device, group.dtype, seed) if backward else None
+
+    sets = [one(settings.seed)]
+    n_sets = input_sets_needed(sum(t.numel() * t.element_size() for t in sets[0][0]), settings.device)
+    return sets + [one(settings.seed + 1000 * i) for i in range(1, n_sets)]
 
 
 def _guarded(work: Callable[[], Row], fallback: Row) -> Row:
@@ -389,7 +415,8 @@ def _guarded(work: Callable[[], Row], fallback: Row) -> Row:
         torch.cuda.empty_cache()
         fallback.status, fallback.note = "skipped", "out of memory"
     except Exception as err:  # a peer failing must not stop the bench; the row says why
-        fallback.note = f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
+        first_line = str(err).splitlines()[0][:160] if str(err) else ""
+        fallback.status, fallback.note = "error", f"{type(err).__name__}: {first_line}"
     return fallback
 
 
@@ -411,57 +438,63 @@ def add_speedups(rows: list[Row], ours: str) -> None:
 
 # ----- model level ----------------------------------------------------------------------------------
 def _load_denoiser(kind: str, device: torch.device) -> tuple[torch.nn.Module | None, str]:
-    """The GroupCDL model with its weights, or randomly initialised ones (timing does not depend on them)."""
-    try:
-        from .weights import load_model
-    except ImportError as err:
-        load_model, why = None, str(err)
-    if load_model is not None:
-        try:
-            return load_model(kind, device).eval(), "trained weights"
-        except Exception as err:  # absent weights: time a random-init model instead
-            why = str(err).splitlines()[0] if str(err) else type(err).__name__
+    """The GroupCDL model with its weights, else randomly initialised (timing does not depend on them)."""
     try:
         from .model import GroupCDL, GroupCDLConfig
+        from .weights import load_model
     except ImportError as err:
         return None, f"the model is not importable ({err})"
-    preset = getattr(GroupCDLConfig, kind, None)
-    config = preset() if callable(preset) else GroupCDLConfig()
-    return GroupCDL(config).to(device).eval(), f"random init ({why})"
-
-
-def _tiled_denoiser() -> Callable | None:
-    """The denoise command's tiled runner, if it is importable: f(model, y, sigma, tile) -> x."""
     try:
-        from .tiling import denoise_tiled
-    except ImportError:
-        return None
-    return denoise_tiled
+        return load_model(kind, device), "trained weights"
+    except Exception as err:  # absent or unreadable weights: time a random-init model instead
+        why = (str(err).splitlines() or [type(err).__name__])[0].split(" (")[0]
+    return GroupCDL(GroupCDLConfig.preset(kind)).to(device).eval(), f"random init ({why})"
+
+
+def _tiled(model: torch.nn.Module, height: int, width: int, device: torch.device) -> tuple[Callable | None, str]:
+    """The denoise command's tiled runner with its margin and its automatic tile, capped at half the image
+    so that it tiles; or None and why not."""
+    try:
+        from . import tiling
+        from .denoise import bytes_per_pixel, tile_margin
+    except ImportError as err:
+        return None, f"no tiled runner ({err})"
+    margin = tile_margin(model)
+    tile = min(tiling.auto_tile(device, margin, bytes_per_pixel(model)), max(tiling.MIN_TILE, max(height, width) // 2))
+    return lambda fn, y: tiling.run_tiled(fn, y, tile, margin), f"tile {tile}, margin {margin}"
+
+
+def _model_row(kind: str, height: int, width: int, mode: str, status: str, note: str) -> Row:
+    size = f"{height}x{width}"
+    return Row("model", size, f"B=1 {kind} {size}", "denoise", mode, "float32", f"groupcdl-{kind}", status, note, height * width)
 
 
 def bench_model(settings: Settings) -> list[Row]:
-    """Denoise (forward only, inference mode) of one image per size: untiled, and tiled where available."""
+    """Denoise one image per size (forward, inference mode, float32): untiled, and tiled as `denoise` does."""
     rows: list[Row] = []
     device = settings.device
-    tiled = _tiled_denoiser()
-    for kind in ("gray", "color"):
+    modes = ("untiled", "tiled") if settings.model_tiled else ("untiled",)
+    for kind in settings.model_kinds:
         model, source = _load_denoiser(kind, device)
         for h, w in settings.model_sizes:
-            base = Row("model", f"{h}x{w}", f"B=1 {kind} {h}x{w}", "denoise", "untiled", "float32", f"groupcdl-{kind}", "ok", source, h * w)
             if model is None:
-                base.status = "skipped"
-                rows.append(base)
+                rows += [_model_row(kind, h, w, mode, "skipped", source) for mode in modes]
                 continue
-            channels = 1 if kind == "gray" else 3
-            y = torch.rand(1, channels, h, w, generator=torch.Generator().manual_seed(settings.seed)).to(device)
+            y = torch.rand(1, 1 if kind == "gray" else 3, h, w, generator=torch.Generator().manual_seed(settings.seed)).to(device)
             sigma = torch.full((1,), 25 / 255, device=device)
-            rows.append(_guarded(lambda: _time_model(base, lambda: model(y, sigma), settings), base))
-            tiled_row = Row(**{**asdict(base), "mode": "tiled", "speedups": {}})
-            if tiled is None:
-                tiled_row.status, tiled_row.note = "skipped", "no tiled runner (circatt_cli.tiling.denoise_tiled) yet"
-                rows.append(tiled_row)
-            else:
-                rows.append(_guarded(lambda: _time_model(tiled_row, lambda: tiled(model, y, sigma), settings), tiled_row))
+
+            def denoise(t: torch.Tensor, model: torch.nn.Module = model) -> torch.Tensor:
+                return model(t, sigma)
+
+            for mode in modes:
+                runner, how = (lambda fn, t: fn(t)), ""
+                if mode == "tiled":
+                    runner, how = _tiled(model, h, w, device)
+                if runner is None:
+                    rows.append(_model_row(kind, h, w, mode, "skipped", how))
+                    continue
+                row = _model_row(kind, h, w, mode, "ok", f"{source}; {how}" if how else source)
+                rows.append(_guarded(lambda: _time_model(row, lambda: runner(denoise, y), settings), row))
     return rows
 
 
@@ -470,7 +503,7 @@ def _time_model(row: Row, call: Callable[[], object], settings: Settings) -> Row
         with torch.inference_mode():
             return call()
 
-    timing = measure([run], settings.device, max(1, settings.warmup - 1), settings.repeat, settings.budget_s * 2)
+    timing = measure([run], settings.device, 1, settings.repeat, settings.budget_s * 2, settings.model_min_runs)
     fill_numbers(row, timing, None, None, None, "float32")
     return row
 
@@ -548,7 +581,8 @@ def write_plot(path: Path, rows: Sequence[Row], device_name: str) -> None:
         members = [r for r in sweep if (r.op, r.mode, r.dtype) == (op, mode, dtype)]
         for impl, window in dict.fromkeys((r.impl, r.window) for r in members):
             line = sorted((r.pixels, r.median_ms) for r in members if (r.impl, r.window) == (impl, window))
-            ax.plot(*zip(*line), marker="o", linestyle="-" if window == max(r.window for r in members) else "--", label=f"{impl} ws={window}")
+            style = "-" if window == max(r.window for r in members) else "--"
+            ax.plot(*zip(*line), marker="o", linestyle=style, color=_impl_color(impl), label=f"{impl} ws={window}")
         _slope_guides(ax, members)
         ax.set(xscale="log", yscale="log", xlabel="pixels N = H*W", ylabel="median time (ms)", title=f"{op} {mode} {dtype}")
         ax.grid(True, which="both", alpha=0.3)
@@ -557,9 +591,15 @@ def write_plot(path: Path, rows: Sequence[Row], device_name: str) -> None:
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.suptitle(f"circatt bench on {device_name}")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _impl_color(impl: str) -> str:
+    """One colour per implementation across every panel."""
+    order = ["cuda", "cpu", "reference", "csr", "flex", "sdpa", "bccb"]
+    return f"C{order.index(impl) if impl in order else len(order)}"
 
 
 def _slope_guides(ax, members: Sequence[Row]) -> None:
@@ -595,6 +635,14 @@ def _sizes(value: str, option: str) -> tuple[tuple[int, int], ...]:
     return tuple(sizes)
 
 
+def _windows(value: str) -> tuple[int, ...]:
+    """'15,35' -> (15, 35): odd positive window sides."""
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items or not all(v.isdigit() and int(v) % 2 == 1 for v in items):
+        raise typer.BadParameter(f"{value!r}: give odd window sides, e.g. 15,35", param_hint="--windows")
+    return tuple(dict.fromkeys(int(v) for v in items))
+
+
 def _device(value: str) -> torch.device:
     if value == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -627,7 +675,7 @@ def _settings(**o) -> Settings:
     dtypes = tuple(DTYPES[d] for d in _choices(pick("dtype", "float32,bfloat16" if device.type == "cuda" else "float32"), tuple(DTYPES), "--dtype"))
     if device.type == "cpu" and torch.bfloat16 in dtypes:
         raise typer.BadParameter("bfloat16 is CUDA-only in circatt_ops; use --dtype float32 on the CPU", param_hint="--dtype")
-    windows = tuple(int(w) for w in _choices(pick("windows", "15,35"), [str(w) for w in range(1, 1000, 2)], "--windows"))
+    windows = _windows(pick("windows", "15,35"))
     names = [p.name for p in all_peers(device)]
     impls = None if o["impls"] is None else _choices(o["impls"], names, "--impls")
     for name, value, low in (("--repeat", pick("repeat", 20), 1), ("--warmup", pick("warmup", 3), 0)):
@@ -638,7 +686,9 @@ def _settings(**o) -> Settings:
         sizes=_sizes(pick("sizes", SWEEP_SIZES[device.type]), "--sizes"), windows=windows, dtypes=dtypes,
         modes=_choices(o["modes"], MODES, "--modes"), impls=impls, repeat=pick("repeat", 20), warmup=pick("warmup", 3),
         budget_s=QUICK["budget"] if quick else 2.0, seed=o["seed"], model="model" in ops,
-        model_sizes=_sizes(pick("model_sizes", MODEL_SIZES), "--model-sizes"), quick=quick,
+        model_sizes=_sizes(pick("model_sizes", MODEL_SIZES), "--model-sizes"),
+        model_kinds=("gray",) if quick else ("gray", "color"), model_tiled=not quick,
+        model_min_runs=1 if quick else MIN_RUNS, quick=quick,
     )
 
 
@@ -652,7 +702,12 @@ def run_bench(settings: Settings, console: Console) -> tuple[list[Row], Ceilings
     """Build the kernels, measure the ceilings, then every group and the model rows."""
     peers = [p for p in all_peers(settings.device) if settings.impls is None or p.name in settings.impls]
     t0 = time.perf_counter()
-    backends.resolve(None, settings.device)  # builds our kernels on first use (cached), outside the timings
+    try:
+        backends.resolve(None, settings.device)  # builds our kernels on first use (cached), outside the timings
+    except Exception as err:  # a broken build skips our rows (saying why) instead of stopping the bench
+        reason = f"our {settings.device.type} kernels are unavailable: {str(err).splitlines()[-1] if str(err) else type(err).__name__}"
+        console.print(f"[red]{reason}[/]")
+        peers = [Unavailable(p, reason) if p.name == settings.device.type else p for p in peers]
     if time.perf_counter() - t0 > 1:
         console.print(f"kernels ready in {time.perf_counter() - t0:.0f} s (built once, cached)")
     ceilings = measure_ceilings(settings.device, settings.dtypes, settings.quick)
@@ -681,7 +736,7 @@ def bench(
     repeat: int = typer.Option(None, help="Timed runs per row (fewer when a row would exceed its time budget); default 20."),
     warmup: int = typer.Option(None, help="Untimed runs before timing; default 3."),
     seed: int = typer.Option(0, help="Seed of the random inputs."),
-    quick: bool = typer.Option(False, "--quick", help="A small subset: the sweep at 32 and 64 px, window 7, a 128 px denoise."),
+    quick: bool = typer.Option(False, "--quick", help="A small subset: the sweep at 32 and 48 px, window 7, one 32 px gray denoise."),
     json_path: Path = typer.Option(None, "--json", help="Write every row and the ceilings as JSON.", dir_okay=False),
     csv_path: Path = typer.Option(None, "--csv", help="Write every row as CSV.", dir_okay=False),
     plot_path: Path = typer.Option(None, "--plot", help="Write a log-log PNG of time against image size.", dir_okay=False),
@@ -693,7 +748,7 @@ def bench(
         device=device, ops=ops, shapes=shapes, sizes=sizes, windows=windows, dtype=dtype, modes=modes, impls=impls,
         model_sizes=model_sizes, repeat=repeat, warmup=warmup, seed=seed, quick=quick,
     )
-    console = Console()
+    console = Console(width=None if Console().is_terminal else 170)
     started = time.perf_counter()
     rows, ceilings = run_bench(settings, console)
     name = _device_name(settings.device)

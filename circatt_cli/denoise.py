@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Optional
@@ -64,15 +65,29 @@ class Models:
         return self._loaded[spec]
 
 
-def model_input(model: torch.nn.Module, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Run `model` on x (1, C, h, w), adapting channels: a gray model takes each channel as an image,
-    a colour model gets a gray image repeated three times and returns its channel mean."""
+def _adapt(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x (1, C, h, w) as the model's input: a gray model takes each channel as an image (batch C),
+    a colour model gets a gray image repeated three times."""
     want, have = model.config.channels, x.shape[1]
     if want == have:
-        return model(x, sigma)
-    if want == 1:
-        return model(x.transpose(0, 1), sigma.expand(have)).transpose(0, 1)
-    return model(x.expand(-1, want, -1, -1), sigma).mean(dim=1, keepdim=True)
+        return x
+    return x.transpose(0, 1) if want == 1 else x.expand(-1, want, -1, -1)
+
+
+def _restore(out: torch.Tensor, channels: int) -> torch.Tensor:
+    """Inverse of `_adapt`: back to (1, channels, h, w)."""
+    if out.shape[0] == 1 and out.shape[1] == channels:
+        return out
+    return out.transpose(0, 1) if out.shape[1] == 1 else out.mean(dim=1, keepdim=True)
+
+
+def denoiser(model: torch.nn.Module, image: torch.Tensor, sigma: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A tile -> denoised tile function for `image` (1, C, H, W): channels adapted to the model, the noise
+    level fixed, and the whole image's mean, so that tiles agree with each other."""
+    batch = _adapt(model, image).shape[0]
+    s = torch.full((batch,), sigma, dtype=image.dtype, device=image.device)
+    mean = _adapt(model, image).mean(dim=(1, 2, 3), keepdim=True)
+    return lambda tile: _restore(model(_adapt(model, tile), s, mean=mean), image.shape[1])
 
 
 def estimate(pixels: torch.Tensor) -> float:
@@ -131,7 +146,6 @@ def run_model(job: Job, image: ImageData, sigma: float, progress: Progress, tile
     margin = tile_margin(model)
     tile = job.tile or tiling.auto_tile(job.device, margin, bytes_per_pixel(model))
     x = to_tensor(image.pixels, job.device)
-    s = torch.tensor([sigma], dtype=x.dtype, device=job.device)
 
     def on_tile(done: int, total: int) -> None:
         progress.update(tiles_task, completed=done, total=total, visible=total > 1)
@@ -140,7 +154,7 @@ def run_model(job: Job, image: ImageData, sigma: float, progress: Progress, tile
         progress.console.print(f"  [yellow]out of GPU memory: retrying with {smaller}-pixel tiles[/]")
 
     with torch.inference_mode():
-        out, _ = tiling.run_with_retry(lambda t: model_input(model, t, s), x, tile, margin, on_tile, on_retry)
+        out, _ = tiling.run_with_retry(denoiser(model, x, sigma), x, tile, margin, on_tile, on_retry)
     return to_pixels(out)
 
 
@@ -178,6 +192,7 @@ def process(job: Job, source: Source, target: Path, progress: Progress, tiles_ta
     outcome.sigma = f"{sigma * 255:.1f}" + ("" if given else " (est.)")
     progress.console.print(f"{source.path}: sigma {sigma * 255:.2f} ({'given' if given else 'estimated'}, 0-255 scale)")
     clean = run_model(job, image.with_pixels(noisy), sigma, progress, tiles_task)
+    target.parent.mkdir(parents=True, exist_ok=True)
     write_image(image.with_pixels(clean), target, jpeg_quality=job.jpeg_quality, overwrite=job.overwrite)
     if job.reference is not None:
         outcome.scores = scores(job.reference, noisy, clean)
@@ -215,7 +230,7 @@ def summary_table(outcomes: list[Outcome], device: str) -> Table:
     with_scores = any(o.scores for o in outcomes)
     table = Table(title="circatt denoise")
     for column in ("input", "size", "sigma", "device", "time", "output"):
-        table.add_column(column, justify="right" if column in ("sigma", "time") else "left")
+        table.add_column(column, justify="right" if column in ("sigma", "time") else "left", overflow="fold")
     if with_scores:
         table.add_column("PSNR in -> out (dB)", justify="right")
         table.add_column("SSIM in -> out", justify="right")
@@ -286,7 +301,7 @@ def check_output_option(output: Path | None, count: int) -> None:
 
 
 def denoise(
-    inputs: Annotated[list[str], typer.Argument(help="Image files, folders or globs (PNG, JPEG, TIFF, WebP, BMP).", metavar="INPUT...", show_default=False)],
+    inputs: Annotated[list[str], typer.Argument(help="Image files, folders or globs (PNG, JPEG, TIFF, WebP, BMP).", metavar="INPUT", show_default=False)],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file (one input) or folder. Default: <stem>_denoised.<ext> beside each input.")] = None,
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Also take images in subfolders of folder inputs.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace existing output files (inputs are never overwritten).")] = False,
@@ -294,7 +309,7 @@ def denoise(
     sigma: Annotated[Optional[float], typer.Option(min=0, max=255, help="Noise level on the 0-255 scale. Default: estimated per image.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N. CUDA asked for and absent is an error.")] = "auto",
     tile: Annotated[Optional[int], typer.Option(min=tiling.MIN_TILE, help="Tile side in pixels. Default: chosen from free memory.")] = None,
-    jpeg_quality: Annotated[int, typer.Option(min=1, max=100, help="Quality of JPEG and WebP outputs.")] = 95,
+    jpeg_quality: Annotated[int, typer.Option(min=1, max=100, help="Quality of JPEG outputs (WebP is written lossless).")] = 95,
     add_noise_sigma: Annotated[Optional[float], typer.Option("--add-noise", min=0, max=255, help="Demo: first add Gaussian noise of this sigma (0-255).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of --add-noise.")] = 0,
     reference: Annotated[Optional[Path], typer.Option(help="Clean image: report PSNR/SSIM of the input and the output.")] = None,
@@ -307,8 +322,8 @@ def denoise(
     check_output_option(output, len(sources))
     job = Job(Models(model, torch_device), torch_device, sigma, tile, add_noise_sigma, seed, jpeg_quality, overwrite,
               load_reference(reference, len(sources)))
-    console.print(device_line)
     job.models.preload()
+    console.print(device_line)
     for line in errors:
         console.print(f"[red]error:[/] {line}")
     if output is not None:

@@ -184,7 +184,7 @@ def _save_options(image: ImageData, fmt: str, jpeg_quality: int) -> dict:
     if fmt == "JPEG":
         options.update(quality=jpeg_quality, subsampling=0 if jpeg_quality >= 90 else 2)
     if fmt == "WEBP":
-        options.update(quality=jpeg_quality)
+        options.update(lossless=True)
     if fmt == "TIFF":
         options.update(compression="tiff_deflate")
     if image.icc_profile and fmt in ICC_FORMATS:
@@ -192,6 +192,15 @@ def _save_options(image: ImageData, fmt: str, jpeg_quality: int) -> dict:
     if image.exif and fmt in EXIF_FORMATS:
         options["exif"] = image.exif
     return options
+
+
+def _new_file_mode(path: Path) -> int:
+    """The permissions a plain open() would give: the replaced file's, else 0o666 less the umask."""
+    if path.exists():
+        return path.stat().st_mode & 0o7777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def write_image(image: ImageData, path: str | Path, jpeg_quality: int = 95, overwrite: bool = False) -> None:
@@ -207,6 +216,7 @@ def write_image(image: ImageData, path: str | Path, jpeg_quality: int = 95, over
     try:
         with os.fdopen(fd, "wb") as handle:
             pil.save(handle, format=fmt, **_save_options(image, fmt, jpeg_quality))
+        os.chmod(tmp, _new_file_mode(path))
         os.replace(tmp, path)
     except OSError as err:
         Path(tmp).unlink(missing_ok=True)

@@ -81,10 +81,11 @@ class GroupCDL(nn.Module):
 
     Images of any size H, W >= 1 work: they are reflect-padded to even sizes, and where the latent image
     (H/2, W/2) is smaller than the configured window, the window shrinks to the largest odd size that fits
-    that image (the learned weights do not depend on the window).
+    that image (the learned weights do not depend on the window). `init=False` skips the initialisation
+    (for loading weights); `backend` is passed to circatt_ops.
     """
 
-    def __init__(self, config: GroupCDLConfig, backend: str | None = None) -> None:
+    def __init__(self, config: GroupCDLConfig, backend: str | None = None, init: bool = True) -> None:
         super().__init__()
         self.config = config
         self.backend = backend
@@ -101,7 +102,8 @@ class GroupCDL(nn.Module):
         self.tau = nn.Parameter(torch.empty(k, 2, c.filters))
         self.rho = nn.Parameter(torch.empty(updates, 3, c.attn_channels))
         self.gamma = nn.Parameter(torch.empty(()))
-        self.reset_parameters()
+        if init:
+            self.reset_parameters()
 
     # ----- initialisation and constraints ------------------------------------------------------
     @torch.no_grad()
@@ -131,12 +133,14 @@ class GroupCDL(nn.Module):
     def _gram_norm(self, kernel: Tensor, iterations: int, generator: torch.Generator | None) -> Tensor:
         """Largest eigenvalue of A(B(.)) for one kernel, by power iteration on a 64x64 latent image."""
         z = torch.randn(1, self.config.filters, 64, 64, generator=generator)
-        value = z.new_tensor(1.0)
+        value = z.new_tensor(0.0)
         for _ in range(iterations):
             z = z / z.norm()
             w = self._analyse(self._synthesise(z, kernel), kernel)
-            value = (z * w).sum()
+            value, previous = (z * w).sum(), value
             z = w
+            if (value - previous).abs() <= 1e-6 * value:
+                break
         return value
 
     @torch.no_grad()
@@ -190,8 +194,11 @@ class GroupCDL(nn.Module):
         return u * F.relu(1.0 - tau / (xi + 1e-8))
 
     # ----- the network -------------------------------------------------------------------------
-    def _prepare(self, y: Tensor, sigma: Tensor | float) -> tuple[Tensor, Tensor, Tensor, tuple[int, int, int, int]]:
-        """Reflect-pad to even sizes (the odd pixel before), subtract the mean; sigma -> (B, 1)."""
+    def _prepare(
+        self, y: Tensor, sigma: Tensor | float, mean: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, tuple[int, int, int, int]]:
+        """Reflect-pad to even sizes (the odd pixel before), subtract the mean (y's own unless given);
+        sigma -> (B, 1)."""
         if y.dim() != 4 or y.shape[1] != self.config.channels:
             raise ValueError(f"expected y of shape (B, {self.config.channels}, H, W), got {tuple(y.shape)}")
         H, W = y.shape[-2:]
@@ -199,7 +206,8 @@ class GroupCDL(nn.Module):
         if any(pad):
             mode = "reflect" if min(H, W) > 1 else "replicate"
             y = F.pad(y, pad, mode=mode)
-        mean = y.mean(dim=(1, 2, 3), keepdim=True)
+        if mean is None:
+            mean = y.mean(dim=(1, 2, 3), keepdim=True)
         sigma = torch.as_tensor(sigma, dtype=y.dtype, device=y.device).reshape(-1, 1).expand(y.shape[0], 1)
         return y - mean, mean, sigma, pad
 
@@ -222,9 +230,13 @@ class GroupCDL(nn.Module):
             z = self._threshold(r, G, sigma, k - 1)
         return z, G, theta, phi
 
-    def forward(self, y: Tensor, sigma: Tensor | float) -> Tensor:
-        """Denoise y (B, C, H, W) in [0, 1] at noise level sigma ((B,) or a float, [0, 1] scale); no clamp."""
-        yt, mean, s, pad = self._prepare(y, sigma)
+    def forward(self, y: Tensor, sigma: Tensor | float, mean: Tensor | None = None) -> Tensor:
+        """Denoise y (B, C, H, W) in [0, 1] at noise level sigma ((B,) or a float, [0, 1] scale); no clamp.
+
+        `mean` ((B, 1, 1, 1)) replaces y's own mean: tiles of one image pass the whole image's mean so
+        that they are processed alike.
+        """
+        yt, mean, s, pad = self._prepare(y, sigma, mean)
         z, *_ = self._unroll(yt, s)
         x = self._synthesise(z, self.dictionary) + mean
         return x[..., pad[2] :, pad[0] :]

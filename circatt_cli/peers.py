@@ -13,7 +13,10 @@ similarity(q, k), softmax(S), adjacency(q, k), apply(A, x), attention(q, k, v).
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
+import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,6 +27,8 @@ from torch.nn.attention.flex_attention import flex_attention as flex
 
 import circatt_ops as ca
 from circatt_ops.circulant import Circulant, key_indices
+
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state", category=UserWarning)
 
 OPS = ("similarity", "softmax", "adjacency", "apply", "attention")
 INPUT_ROLES = {
@@ -109,7 +114,7 @@ def csr_apply(values: Tensor, x: Tensor, *, crow: Tensor, col: Tensor) -> Tensor
     for b in range(values.shape[0]):
         heads = []
         for g in range(values.shape[1]):
-            matrix = torch.sparse_csr_tensor(crow, col, values[b, g], size=(n, n))
+            matrix = torch.sparse_csr_tensor(crow, col, values[b, g], size=(n, n), check_invariants=False)
             heads.append(torch.sparse.mm(matrix, x[b, g]))
         rows.append(torch.stack(heads))
     return torch.stack(rows)
@@ -144,16 +149,22 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor, kind: str) 
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
-def flex_circular_attention(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask, kind: str) -> Tensor:
-    """FlexAttention on (B, G, N, d) with the circular block mask; distance adds -|k|^2 / 2 in a score_mod."""
-    if kind == "dot":
+def _flex(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask, bias: Tensor | None) -> Tensor:
+    """flex_attention with the block mask, plus a per-key logit bias (B, G, N) when given; compiled once."""
+    if bias is None:
         return flex(q, k, v, block_mask=block_mask)
-    bias = _distance_bias(k, 1.0 / math.sqrt(q.shape[-1]))
 
     def score_mod(score, b, h, q_idx, kv_idx):
         return score + bias[b, h, kv_idx]
 
     return flex(q, k, v, score_mod=score_mod, block_mask=block_mask)
+
+
+def flex_circular_attention(q: Tensor, k: Tensor, v: Tensor, *, block_mask: BlockMask, kind: str) -> Tensor:
+    """Compiled FlexAttention on (B, G, N, d) with the circular block mask; for distance, the per-key
+    bias -|k|^2 / (2 sqrt(d)) turns the scaled dot logits into the distance logits (up to a row constant)."""
+    bias = _distance_bias(k, 1.0 / math.sqrt(q.shape[-1])) if kind == "distance" else None
+    return _compiled_flex()(q, k, v, block_mask, bias)
 
 
 def bccb_attention(q: Tensor, k: Tensor, v: Tensor, *, case: Case) -> Tensor:
@@ -202,7 +213,7 @@ def flex_block_mask(height: int, width: int, window: int, device: torch.device) 
 
 @functools.cache
 def _compiled_flex() -> Callable:
-    return torch.compile(flex_circular_attention, dynamic=False)
+    return torch.compile(_flex, dynamic=False)
 
 
 # ----- the bench's view of each implementation ----------------------------------------------------
@@ -224,6 +235,10 @@ class Peer:
 
     def prepare(self, op: str, case: Case, device: torch.device) -> None:
         """Build per-shape constants once, outside the timed region."""
+
+    def note(self, case: Case, device: torch.device) -> str:
+        """Anything the report should say about how this peer was set up for the case."""
+        return ""
 
     def native(self, t: Tensor, role: str, case: Case) -> Tensor:
         return t
@@ -255,11 +270,8 @@ class CirculantPeer(Peer):
         self.name = backend
         self.backend = backend
         self.devices = ("cpu", "cuda") if backend == "reference" else (backend,)
-
-    def unavailable(self, op, case, device, dtype):
-        if self.backend == "reference" and op == "softmax":
-            return "softmax is torch.softmax over K for every backend (timed once, as ours)"
-        return super().unavailable(op, case, device, dtype)
+        if backend == "reference":  # softmax is torch.softmax over K for every backend: timed once, as ours
+            self.ops = tuple(op for op in OPS if op != "softmax")
 
     def run(self, op, case, *inputs):
         return self._functions[op](*inputs, case=case, backend=self.backend)
@@ -348,12 +360,23 @@ class FlexPeer(SdpaPeer):
     name = "flex"
     devices = ("cuda",)
 
+    def __init__(self) -> None:
+        self._build_s: dict[tuple, float] = {}
+
     def prepare(self, op, case, device):
-        flex_block_mask(case.height, case.width, case.window, device)
+        key = (case.height, case.width, case.window, device)
+        if key not in self._build_s:
+            t0 = time.perf_counter()
+            flex_block_mask(*key)
+            self._build_s[key] = time.perf_counter() - t0
+
+    def note(self, case, device):
+        seconds = self._build_s.get((case.height, case.width, case.window, device))
+        return "" if seconds is None else f"block mask built in {seconds:.1f} s (compiled, not timed)"
 
     def run(self, op, case, q, k, v):
         block_mask = flex_block_mask(case.height, case.width, case.window, q.device)
-        return _compiled_flex()(q, k, v, block_mask, case.kind)
+        return flex_circular_attention(q, k, v, block_mask=block_mask, kind=case.kind)
 
     def extra_bytes(self, op, case, itemsize, backward):
         return case.batch * case.heads * case.pixels * 8
@@ -367,10 +390,8 @@ class BccbPeer(Peer):
     comparable = False
 
     def unavailable(self, op, case, device, dtype):
-        try:
-            import circatt_ops.bccb  # noqa: F401
-        except ImportError as err:
-            return f"circatt_ops.bccb is not available ({err})"
+        if importlib.util.find_spec("circatt_ops.bccb") is None:
+            return "circatt_ops.bccb is not available"
         return super().unavailable(op, case, device, dtype)
 
     def run(self, op, case, q, k, v):
@@ -379,6 +400,16 @@ class BccbPeer(Peer):
     def extra_bytes(self, op, case, itemsize, backward):
         spectra = case.batch * (3 * case.channels + 2 * case.heads) * case.pixels * 8
         return spectra * (3 if backward else 1)
+
+
+class Unavailable(Peer):
+    """A peer that cannot run at all here (e.g. its kernels failed to build): every row says why."""
+
+    def __init__(self, peer: Peer, reason: str) -> None:
+        self.name, self.ops, self.devices, self.reason = peer.name, peer.ops, peer.devices, reason
+
+    def unavailable(self, op, case, device, dtype):
+        return self.reason
 
 
 def all_peers(device: torch.device) -> list[Peer]:

@@ -1,9 +1,9 @@
 """Tiled inference for images too large to denoise at once.
 
-The image is cut into overlapping output windows of `tile` pixels; each is run with `margin` extra
-pixels of context on every side (taken periodically, as the model's wrap-around attention sees the
-whole image), the margin is cropped, and overlaps are blended with raised-cosine weights. Every
-tile's input starts on the untiled stride-2 phase, so its latent grid lines up with the untiled one.
+The image is cut into overlapping output windows of `tile` pixels; each is run with up to `margin`
+extra pixels of context on every side (clipped at the image edges), the context is cropped, and
+overlaps are blended with raised-cosine weights. Every tile's input starts on the untiled stride-2
+phase, so its latent grid lines up with the untiled one.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-CPU_PIXEL_BUDGET = 768 * 768
+CPU_PIXEL_BUDGET = 1024 * 1024
 MIN_TILE = 32
 GPU_MEMORY_FRACTION = 0.6
 DEFAULT_BYTES_PER_PIXEL = 8192
@@ -23,7 +23,7 @@ DEFAULT_BYTES_PER_PIXEL = 8192
 
 @dataclass(frozen=True)
 class Window:
-    """One output window [start, stop) along an axis, run on the input range [lo, hi) (periodic indices)."""
+    """One output window [start, stop) along an axis, run on the input range [lo, hi)."""
 
     start: int
     stop: int
@@ -35,26 +35,28 @@ def _even_down(n: int) -> int:
     return n - n % 2
 
 
-def _context(start: int, stop: int, margin: int, parity: int) -> Window:
-    """Add at least `margin` pixels each side, the range starting on the untiled stride phase, even long."""
-    lo = start - margin
-    lo -= (lo - parity) % 2
-    hi = stop + margin
-    hi += (hi - lo) % 2
+def _context(start: int, stop: int, margin: int, length: int) -> Window:
+    """Add up to `margin` pixels each side, clipped to the image, so that the model's stride-2 grid on the
+    tile is the untiled one: an odd side is padded by one pixel before, so the grid starts at `length % 2`."""
+    parity = length % 2
+    lo = max(0, start - margin)
+    if lo > 0:
+        lo -= (lo - parity) % 2
+    hi = min(length, stop + margin)
+    hi += (hi - parity) % 2
     return Window(start, stop, lo, hi)
 
 
 def axis_windows(length: int, tile: int, overlap: int, margin: int) -> list[Window]:
     """Output windows covering [0, length); one window with no extra context when the axis fits in a tile.
 
-    The model pads an odd side by one pixel before, so its stride-2 grid starts at pixel `length % 2`;
-    every tile's input starts on that phase too, so tiles see the untiled latent grid.
+    Each window's input range [lo, hi) adds context on the untiled stride-2 phase (see `_context`).
     """
     if length <= tile:
         return [Window(0, length, 0, length)]
     step = max(2, tile - overlap)
     starts = sorted(set(range(0, length - tile, step)) | {length - tile})
-    return [_context(s, s + tile, margin, length % 2) for s in starts]
+    return [_context(s, s + tile, margin, length) for s in starts]
 
 
 def blend_weights(window: Window, length: int, overlap: int, device: torch.device) -> Tensor:
@@ -70,10 +72,6 @@ def blend_weights(window: Window, length: int, overlap: int, device: torch.devic
     if window.stop < length:
         weights[size - ramp_len :] = ramp.flip(0)
     return weights
-
-
-def _periodic_index(window: Window, length: int, device: torch.device) -> Tensor:
-    return torch.arange(window.lo, window.hi, device=device) % length
 
 
 def run_tiled(
@@ -102,10 +100,10 @@ def run_tiled(
     norm = torch.zeros((H, W), dtype=torch.float64, device=image.device)
     done = 0
     for r in rows:
-        ri, wr = _periodic_index(r, H, image.device), blend_weights(r, H, overlap, image.device)
+        wr = blend_weights(r, H, overlap, image.device)
         for c in cols:
-            ci, wc = _periodic_index(c, W, image.device), blend_weights(c, W, overlap, image.device)
-            out = fn(image[:, :, ri][:, :, :, ci])
+            wc = blend_weights(c, W, overlap, image.device)
+            out = fn(image[:, :, r.lo : r.hi, c.lo : c.hi])
             core = out[:, :, r.start - r.lo : r.stop - r.lo, c.start - c.lo : c.stop - c.lo]
             weight = wr[:, None] * wc[None, :]
             acc[:, :, r.start : r.stop, c.start : c.stop] += core.double() * weight
@@ -117,14 +115,16 @@ def run_tiled(
 
 
 def auto_tile(device: torch.device, margin: int, bytes_per_pixel: int = DEFAULT_BYTES_PER_PIXEL) -> int:
-    """A tile side that fits: free GPU memory on CUDA, a fixed pixel budget on the CPU."""
+    """A tile side from free GPU memory on CUDA, a fixed pixel budget on the CPU. The budget covers tile plus
+    margins, unless the margins would take more than half of it: then the tile alone gets the budget."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         pixels = free * GPU_MEMORY_FRACTION / bytes_per_pixel
     else:
         pixels = CPU_PIXEL_BUDGET
-    side = int(math.sqrt(pixels)) - 2 * margin
-    return max(MIN_TILE, side - side % 16)
+    side = int(math.sqrt(pixels))
+    tile = side - 2 * margin if side - 2 * margin >= side // 2 else side
+    return max(MIN_TILE, tile - tile % 16)
 
 
 def run_with_retry(

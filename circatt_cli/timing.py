@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-MAX_INPUT_SETS = 8
+MAX_INPUT_SETS = 32
 MIN_RUNS = 3
 _FALLBACK_CACHE = 32 << 20
 
@@ -98,12 +98,16 @@ def measure(
     warmup: int = 3,
     repeat: int = 20,
     budget_s: float = 2.0,
+    min_runs: int = MIN_RUNS,
 ) -> Timing:
-    """Warm up, then time up to `repeat` runs (at least MIN_RUNS, fewer when they would exceed `budget_s`)."""
+    """Warm up (at least once, at most `warmup` runs or `budget_s`; the warm-up sizes the run count),
+    then time up to `repeat` runs: at least `min_runs`, fewer when they would exceed `budget_s`."""
     if not fns:
         raise ValueError("measure needs at least one callable")
-    warm = _run_times(fns, device, max(1, warmup), 0)
-    runs = max(MIN_RUNS, min(repeat, int(budget_s / max(min(warm), 1e-9))))
+    warm = _run_times(fns, device, 1, 0)
+    while len(warm) < warmup and sum(warm) < budget_s:
+        warm += _run_times(fns, device, 1, len(warm))
+    runs = max(min_runs, min(repeat, int(budget_s / max(min(warm), 1e-9))))
     times = _run_times(fns, device, runs, len(warm))
     return Timing(statistics.median(times), min(times), max(times), runs, peak_memory(fns[0], device))
 
@@ -119,10 +123,10 @@ class Ceilings:
         return {"copy_GBps": self.copy_bytes_per_s / 1e9, "matmul_TFLOPs": {k: v / 1e12 for k, v in self.matmul_flops_per_s.items()}}
 
 
-def _copy_rate(device: torch.device, quick: bool) -> float:
-    """Bytes per second of a large contiguous copy, counting the read and the write."""
-    n = (1 << 28) if device.type == "cuda" else (1 << 22 if quick else 1 << 25)
-    src = torch.empty(n, dtype=torch.float32, device=device).fill_(1.0)
+def _copy_rate(device: torch.device) -> float:
+    """Bytes per second of a copy far larger than the cache, counting the read and the write."""
+    nbytes = max(8 * cache_bytes(device), (1 << 30) if device.type == "cuda" else (128 << 20))
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
     dst = torch.empty_like(src)
     timing = measure([lambda: dst.copy_(src)], device, warmup=2, repeat=10, budget_s=1.0)
     return 2 * src.numel() * src.element_size() / timing.median_s
@@ -147,4 +151,4 @@ def measure_ceilings(device: torch.device, dtypes: Sequence[torch.dtype], quick:
     rates = {str(dt).removeprefix("torch."): _matmul_rate(device, dt, quick) for dt in dtypes}
     if device.type == "cuda" and torch.float32 in dtypes:
         rates["tf32"] = _matmul_rate(device, torch.float32, quick, tf32=True)
-    return Ceilings(_copy_rate(device, quick), rates)
+    return Ceilings(_copy_rate(device), rates)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import platform
 import shutil
 import sys
 from pathlib import Path
@@ -18,7 +19,18 @@ from types import ModuleType
 import torch
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-CPU_FLAGS = ["-O3", "-fopenmp"]
+
+
+def _cpu_isa_flags() -> list[str]:
+    """Vector-ISA flags for the class of CPU torch detected (never -march=native, so a cache can move
+    between machines of one class; the build name hashes these flags, so another class rebuilds)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return []
+    capability = torch.backends.cpu.get_cpu_capability()
+    return {"AVX512": ["-mavx512f", "-mfma"], "AVX2": ["-mavx2", "-mfma"]}.get(capability, [])
+
+
+CPU_FLAGS = ["-O3", "-fopenmp", *_cpu_isa_flags()]
 CPU_LDFLAGS = ["-fopenmp"]
 CUDA_FLAGS = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
 

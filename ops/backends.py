@@ -15,22 +15,28 @@ import torch
 from . import _extension, reference
 
 BACKENDS = (None, "cuda", "cpu", "reference")
-_warned: set[str] = set()
+_failures: dict[str, str] = {}  # device -> why its kernels could not be built (tried once per process)
 
 
 def _compiled(device: str, explicit: bool) -> ModuleType:
-    """The compiled kernels for a device; without a toolchain, the reference with one warning."""
-    try:
-        module = _extension.load(device)
-    except _extension.BuildUnavailable as err:
-        if explicit:
-            raise RuntimeError(f"backend={device!r} needs its kernels built, but {err}; use backend='reference'") from None
-        if device not in _warned:
-            _warned.add(device)
-            warnings.warn(f"circatt: {err}; using the slow plain-PyTorch reference backend", RuntimeWarning, stacklevel=4)
-        return reference
-    module.name = device
-    return module
+    """The compiled kernels for a device; where they cannot be built, the reference with one warning
+    (or, for an explicitly requested backend, an error)."""
+    if device not in _failures:
+        try:
+            module = _extension.load(device)
+            module.name = device
+            return module
+        except (_extension.BuildUnavailable, RuntimeError, OSError) as err:
+            _failures[device] = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            if not explicit:
+                warnings.warn(
+                    f"circatt: {_failures[device]}; using the slow plain-PyTorch reference backend",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+    if explicit:
+        raise RuntimeError(f"backend={device!r} needs its kernels built, but {_failures[device]}; use backend='reference'")
+    return reference
 
 
 def resolve(backend: str | None, device: torch.device) -> ModuleType:

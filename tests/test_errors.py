@@ -56,3 +56,20 @@ def test_cpu_backend_on_wrong_device_names_the_fix(monkeypatch):
     meta = torch.randn(1, 2, 5, 5, device="meta")
     with pytest.raises(ValueError, match=r"backend='cpu' needs CPU tensors.*\.cpu\(\)"):
         ca.similarity(meta, meta, 3, backend="cpu")
+
+
+def test_no_compiler_falls_back_to_reference_with_one_warning(monkeypatch):
+    from circatt_ops import _extension, backends
+
+    def no_toolchain(device):
+        raise _extension.BuildUnavailable("no C++ compiler found ('c++' is not on PATH)")
+
+    monkeypatch.setattr(_extension, "load", no_toolchain)
+    monkeypatch.setattr(backends, "_failures", {})
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler.*reference") as caught:
+        A = ca.adjacency(q, q, 3)
+        ca.adjacency(q, q, 3)
+    assert len(caught) == 1
+    torch.testing.assert_close(A.flat_values, ca.adjacency(q, q, 3, backend="reference").flat_values)
+    with pytest.raises(RuntimeError, match="backend='cpu' needs its kernels built"):
+        ca.adjacency(q, q, 3, backend="cpu")

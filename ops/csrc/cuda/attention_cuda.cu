@@ -28,7 +28,7 @@ __host__ __device__ FwdSmem fwd_smem(const Geom& g, int C, int Cv, bool dist) {
   s.q = b.take((long long)C * g.npix * sizeof(A));
   s.k = b.take((long long)(C > 0 ? C : 1) * g.ps * sizeof(A));
   s.v = b.take((long long)(Cv > 0 ? Cv : 1) * g.ps * sizeof(A));
-  s.kn = b.take(dist ? (long long)g.TI * g.rs * sizeof(A) : 0);
+  s.kn = b.take(dist ? (long long)g.nslots * g.rs * sizeof(A) : 0);
   s.qn = b.take(dist ? (long long)g.npix * sizeof(A) : 0);
   s.buf = b.take((long long)g.npix * g.L * sizeof(A));
   s.m = b.take((long long)g.npix * sizeof(A));
@@ -45,8 +45,9 @@ __host__ __device__ FwdSmem fwd_smem(const Geom& g, int C, int Cv, bool dist) {
 // lse = ln2 * (m + log2 l) (log2 domain inside).
 template <typename T, int RC>
 __global__ void __launch_bounds__(kThreads)
-    attn_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ y,
-                    acc_t<T>* __restrict__ lse, int C, int Cv, int NG, Geom g, bool dist, acc_t<T> scale) {
+    attn_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                    const acc_t<T>* __restrict__ knorm, T* __restrict__ y, acc_t<T>* __restrict__ lse, int C, int Cv,
+                    int NG, Geom g, bool dist, acc_t<T> scale) {
   using A = acc_t<T>;
   extern __shared__ __align__(16) unsigned char smem[];
   const FwdSmem lay = fwd_smem<A>(g, C, Cv, dist);
@@ -68,6 +69,7 @@ __global__ void __launch_bounds__(kThreads)
   const T* qb = q + plane * C * HW;
   const T* kb = k + plane * C * HW;
   const T* vb = v + plane * Cv * HW;
+  const A* knb = dist ? knorm + plane * HW : nullptr;
   T* yb = y + plane * Cv * HW;
   A* lb = lse + plane * HW;
   const A sl2 = scale * log2e<A>();
@@ -81,11 +83,15 @@ __global__ void __launch_bounds__(kThreads)
   stage_tile(qs, qb, C, g, i0, j0);
   if (dist) tile_norms(qn, qb, C, g, i0, j0);
   __syncthreads();
-  for (int rr = 0; rr + 1 < g.TI; ++rr) {
-    const int grow = wrap(i0 - g.r + rr, g.H);
-    stage_ring_row(ks, kn, kb, C, g, grow, rr, cmap);
-    stage_ring_row(vs, static_cast<A*>(nullptr), vb, Cv, g, grow, rr, cmap);
-  }
+  auto stage_row = [&](int rr) {
+    const int grow = wrap(i0 - g.r + rr, g.H), slot = rr % g.nslots;
+    stage_ring_row(ks, kb, C, g, grow, slot, cmap);
+    stage_ring_row(vs, vb, Cv, g, grow, slot, cmap);
+    if (dist) stage_ring_scalar(kn, knb, g, grow, slot, cmap);
+  };
+  for (int rr = 0; rr < g.TI; ++rr) stage_row(rr);
+  cp_async_wait();
+  __syncthreads();
 
   const int ngj = g.TJ / kRJ;
   const int tt = threadIdx.x;
@@ -98,12 +104,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int rc = 0; rc < RC; ++rc) acc[p][rc] = A(0);
 
   for (int a = 0; a < g.ws; ++a) {
-    if (a > 0) __syncthreads();
-    const int rr = a + g.TI - 1;
-    const int grow = wrap(i0 - g.r + rr, g.H);
-    stage_ring_row(ks, kn, kb, C, g, grow, rr % g.TI, cmap);
-    stage_ring_row(vs, static_cast<A*>(nullptr), vb, Cv, g, grow, rr % g.TI, cmap);
-    __syncthreads();
+    if (a + 1 < g.ws) stage_row(a + g.TI);
     for (int t = threadIdx.x; t < g.ndot; t += blockDim.x) dot_tile(t, buf, qs, C, ks, kn, g, a);
     __syncthreads();
     for (int p = warp_id(); p < g.npix; p += num_warps()) {
@@ -140,6 +141,8 @@ __global__ void __launch_bounds__(kThreads)
       }
       accumulate<RC>(acc, buf, vs, Cv, grp, NG, g, ti, jg, a);
     }
+    cp_async_wait();
+    __syncthreads();
   }
 
   if (owner && i0 + ti < g.H) {
@@ -208,7 +211,7 @@ __host__ __device__ DqSmem dq_smem(const Geom& g, int C, int Cv, bool dist) {
   s.dy = b.take((long long)Cv * g.npix * sizeof(A));
   s.k = b.take((long long)(C > 0 ? C : 1) * g.ps * sizeof(A));
   s.v = b.take((long long)(Cv > 0 ? Cv : 1) * g.ps * sizeof(A));
-  s.kn = b.take(dist ? (long long)g.TI * g.rs * sizeof(A) : 0);
+  s.kn = b.take(dist ? (long long)g.nslots * g.rs * sizeof(A) : 0);
   s.bs = b.take((long long)g.npix * g.L * sizeof(A));
   s.bp = b.take((long long)g.npix * g.L * sizeof(A));
   s.l2 = b.take((long long)g.npix * sizeof(A));
@@ -226,8 +229,9 @@ __host__ __device__ DqSmem dq_smem(const Geom& g, int C, int Cv, bool dist) {
 template <typename T, int RC>
 __global__ void __launch_bounds__(kThreads)
     attn_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-                       const T* __restrict__ dy, const acc_t<T>* __restrict__ L2, const acc_t<T>* __restrict__ D,
-                       T* __restrict__ dq, int C, int Cv, int NG, Geom g, bool dist, acc_t<T> scale) {
+                       const T* __restrict__ dy, const acc_t<T>* __restrict__ knorm, const acc_t<T>* __restrict__ L2,
+                       const acc_t<T>* __restrict__ D, T* __restrict__ dq, int C, int Cv, int NG, Geom g, bool dist,
+                       acc_t<T> scale) {
   using A = acc_t<T>;
   extern __shared__ __align__(16) unsigned char smem[];
   const DqSmem lay = dq_smem<A>(g, C, Cv, dist);
@@ -251,6 +255,7 @@ __global__ void __launch_bounds__(kThreads)
   const T* kb = k + plane * C * HW;
   const T* vb = v + plane * Cv * HW;
   const T* dyb = dy + plane * Cv * HW;
+  const A* knb = dist ? knorm + plane * HW : nullptr;
   T* dqb = dq + plane * C * HW;
   const A sl2 = scale * log2e<A>();
 
@@ -266,11 +271,15 @@ __global__ void __launch_bounds__(kThreads)
   stage_tile(qs, qb, C, g, i0, j0);
   stage_tile(dys, dyb, Cv, g, i0, j0);
   __syncthreads();
-  for (int rr = 0; rr + 1 < g.TI; ++rr) {
-    const int grow = wrap(i0 - g.r + rr, g.H);
-    stage_ring_row(ks, kn, kb, C, g, grow, rr, cmap);
-    stage_ring_row(vs, static_cast<A*>(nullptr), vb, Cv, g, grow, rr, cmap);
-  }
+  auto stage_row = [&](int rr) {
+    const int grow = wrap(i0 - g.r + rr, g.H), slot = rr % g.nslots;
+    stage_ring_row(ks, kb, C, g, grow, slot, cmap);
+    stage_ring_row(vs, vb, Cv, g, grow, slot, cmap);
+    if (dist) stage_ring_scalar(kn, knb, g, grow, slot, cmap);
+  };
+  for (int rr = 0; rr < g.TI; ++rr) stage_row(rr);
+  cp_async_wait();
+  __syncthreads();
 
   const int ngj = g.TJ / kRJ;
   const int tt = threadIdx.x;
@@ -283,12 +292,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int rc = 0; rc < RC; ++rc) acc[p][rc] = A(0);
 
   for (int a = 0; a < g.ws; ++a) {
-    if (a > 0) __syncthreads();
-    const int rr = a + g.TI - 1;
-    const int grow = wrap(i0 - g.r + rr, g.H);
-    stage_ring_row(ks, kn, kb, C, g, grow, rr % g.TI, cmap);
-    stage_ring_row(vs, static_cast<A*>(nullptr), vb, Cv, g, grow, rr % g.TI, cmap);
-    __syncthreads();
+    if (a + 1 < g.ws) stage_row(a + g.TI);
     for (int t = threadIdx.x; t < 2 * g.ndot; t += blockDim.x) {
       if (t < g.ndot)
         dot_tile(t, bs, qs, C, ks, kn, g, a);
@@ -314,6 +318,8 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();
     if (owner) accumulate<RC>(acc, bs, ks, C, grp, NG, g, ti, jg, a);
+    cp_async_wait();
+    __syncthreads();
   }
 
   if (owner && i0 + ti < g.H) {
@@ -346,8 +352,8 @@ __host__ __device__ DkvSmem dkv_smem(const Geom& g, int C, int Cv, bool dist) {
   s.v = b.take((long long)Cv * g.npix * sizeof(A));
   s.q = b.take((long long)(C > 0 ? C : 1) * g.ps * sizeof(A));
   s.dy = b.take((long long)(Cv > 0 ? Cv : 1) * g.ps * sizeof(A));
-  s.l2 = b.take((long long)g.TI * g.rs * sizeof(A));
-  s.d = b.take((long long)g.TI * g.rs * sizeof(A));
+  s.l2 = b.take((long long)g.nslots * g.rs * sizeof(A));
+  s.d = b.take((long long)g.nslots * g.rs * sizeof(A));
   s.bs = b.take((long long)g.npix * g.L * sizeof(A));
   s.bp = b.take((long long)g.npix * g.L * sizeof(A));
   s.kn = b.take(dist ? (long long)g.npix * sizeof(A) : 0);
@@ -407,13 +413,16 @@ __global__ void __launch_bounds__(kThreads)
   stage_tile(vs, vb, Cv, g, i0, j0);
   if (dist) tile_norms(kn, kb, C, g, i0, j0);
   __syncthreads();
-  for (int rr = 0; rr + 1 < g.TI; ++rr) {
-    const int grow = wrap(i0 - g.r + rr, g.H);
-    stage_ring_row(qr, static_cast<A*>(nullptr), qb, C, g, grow, rr, cmap);
-    stage_ring_row(dyr, static_cast<A*>(nullptr), dyb, Cv, g, grow, rr, cmap);
-    stage_ring_scalar(l2r, l2b, g, grow, rr, cmap);
-    stage_ring_scalar(dr, db, g, grow, rr, cmap);
-  }
+  auto stage_row = [&](int rr) {
+    const int grow = wrap(i0 - g.r + rr, g.H), slot = rr % g.nslots;
+    stage_ring_row(qr, qb, C, g, grow, slot, cmap);
+    stage_ring_row(dyr, dyb, Cv, g, grow, slot, cmap);
+    stage_ring_scalar(l2r, l2b, g, grow, slot, cmap);
+    stage_ring_scalar(dr, db, g, grow, slot, cmap);
+  };
+  for (int rr = 0; rr < g.TI; ++rr) stage_row(rr);
+  cp_async_wait();
+  __syncthreads();
 
   const int ngj = g.TJ / kRJ;
   const int tt = threadIdx.x;
@@ -429,15 +438,7 @@ __global__ void __launch_bounds__(kThreads)
     }
 
   for (int a = 0; a < g.ws; ++a) {
-    if (a > 0) __syncthreads();
-    const int rr = a + g.TI - 1;
-    const int grow = wrap(i0 - g.r + rr, g.H);
-    const int slot_in = rr % g.TI;
-    stage_ring_row(qr, static_cast<A*>(nullptr), qb, C, g, grow, slot_in, cmap);
-    stage_ring_row(dyr, static_cast<A*>(nullptr), dyb, Cv, g, grow, slot_in, cmap);
-    stage_ring_scalar(l2r, l2b, g, grow, slot_in, cmap);
-    stage_ring_scalar(dr, db, g, grow, slot_in, cmap);
-    __syncthreads();
+    if (a + 1 < g.ws) stage_row(a + g.TI);
     for (int t = threadIdx.x; t < 2 * g.ndot; t += blockDim.x) {
       if (t < g.ndot)
         dot_tile(t, bs, ks, C, qr, static_cast<const A*>(nullptr), g, a);
@@ -447,7 +448,7 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
     for (int p = warp_id(); p < g.npix; p += num_warps()) {
       const int i = p / g.TJ, jj = p - i * g.TJ;
-      const int off = ((i + a) % g.TI) * g.rs + jj;
+      const int off = ((i + a) % g.nslots) * g.rs + jj;
       const A* l2row = l2r + off;
       const A* drow = dr + off;
       A* srow = bs + p * g.L + (kRJ - 1);
@@ -471,6 +472,8 @@ __global__ void __launch_bounds__(kThreads)
       if (grp < C) accumulate<RC>(acck, bs, qr, C, grp, NG, g, ti, jg, a);
       if (grp < Cv) accumulate<RC>(accv, bp, dyr, Cv, grp, NG, g, ti, jg, a);
     }
+    cp_async_wait();
+    __syncthreads();
   }
 
   if (owner && i0 + ti < g.H) {
@@ -533,6 +536,7 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& q_, const at::Tensor
   at::Tensor lse = new_output({s.B, s.G, s.H, s.W}, q.options().dtype(acc_dtype(q.scalar_type())));
   if (lse.numel() == 0) return {y, lse};
   const int ws = int(window);
+  const at::Tensor knorm = distance ? pixel_norms(k) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "circatt_attention_forward", [&] {
     using A = acc_t<scalar_t>;
     constexpr int RC = AccumChannels<scalar_t>::value;
@@ -544,8 +548,9 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& q_, const at::Tensor
     allow_smem(kernel, l.smem);
     const dim3 grid(unsigned((s.H + l.g.TI - 1) / l.g.TI * l.g.tiles_j), unsigned(s.B * s.G));
     kernel<<<grid, l.threads, l.smem, c10::cuda::getCurrentCUDAStream()>>>(
-        q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
-        lse.data_ptr<A>(), int(s.C), int(s.Cv), NG, l.g, distance, A(scale));
+        q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+        distance ? knorm.data_ptr<A>() : nullptr, y.data_ptr<scalar_t>(), lse.data_ptr<A>(), int(s.C), int(s.Cv), NG,
+        l.g, distance, A(scale));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {y, lse};
@@ -577,13 +582,12 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& q_, const at::Tenso
   at::Tensor L2 = at::empty({s.B, s.G, s.H, s.W}, q.options().dtype(acc));
   at::Tensor D = at::empty({s.B, s.G, s.H, s.W}, q.options().dtype(acc));
   const auto stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor knorm = distance && dq.numel() > 0 ? pixel_norms(k) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "circatt_attention_backward", [&] {
     using A = acc_t<scalar_t>;
     constexpr int RC = AccumChannels<scalar_t>::value;
     {
-      const int64_t blocks64 = (total + kThreads - 1) / kThreads;
-      const unsigned blocks = unsigned(blocks64 < 8192 ? blocks64 : 8192);
-      rowterms_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+      rowterms_kernel<scalar_t><<<grid_stride_blocks(total), kThreads, 0, stream>>>(
           q.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(), lse.data_ptr<A>(),
           L2.data_ptr<A>(), D.data_ptr<A>(), int(s.C), int(s.Cv), HW, total, distance, A(scale));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -597,10 +601,10 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& q_, const at::Tenso
       auto kernel = attn_bwd_dq_kernel<scalar_t, RC>;
       allow_smem(kernel, l.smem);
       const dim3 grid(unsigned((s.H + l.g.TI - 1) / l.g.TI * l.g.tiles_j), unsigned(s.B * s.G));
-      kernel<<<grid, l.threads, l.smem, stream>>>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
-                                                  v.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(), L2.data_ptr<A>(),
-                                                  D.data_ptr<A>(), dq.data_ptr<scalar_t>(), int(s.C), int(s.Cv), NG,
-                                                  l.g, distance, A(scale));
+      kernel<<<grid, l.threads, l.smem, stream>>>(
+          q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(),
+          distance ? knorm.data_ptr<A>() : nullptr, L2.data_ptr<A>(), D.data_ptr<A>(), dq.data_ptr<scalar_t>(),
+          int(s.C), int(s.Cv), NG, l.g, distance, A(scale));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     if (dk.numel() > 0 || dv.numel() > 0) {

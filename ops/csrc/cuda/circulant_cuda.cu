@@ -18,7 +18,7 @@ __host__ __device__ SimSmem sim_smem(const Geom& g, int C, bool dist) {
   SimSmem s;
   s.q = b.take((long long)C * g.npix * sizeof(A));
   s.k = b.take((long long)(C > 0 ? C : 1) * g.ps * sizeof(A));
-  s.kn = b.take(dist ? (long long)g.TI * g.rs * sizeof(A) : 0);
+  s.kn = b.take(dist ? (long long)g.nslots * g.rs * sizeof(A) : 0);
   s.qn = b.take(dist ? (long long)g.npix * sizeof(A) : 0);
   s.buf = b.take((long long)g.npix * g.L * sizeof(A));
   s.cmap = b.take((long long)g.cols * sizeof(int));
@@ -27,11 +27,13 @@ __host__ __device__ SimSmem sim_smem(const Geom& g, int C, bool dist) {
 }
 
 // S[p, a*ws + c] = q_p . k_{p + (a-r, c-r)}   (distance: -|q_p - k_.|^2 / 2, expanded as
-// q.k - |q|^2/2 - |k|^2/2 with the norms taken once per pixel). One window row per step;
-// the step's (pixel, column) buffer is written out by warps, one pixel row of ws at a time.
+// q.k - |q|^2/2 - |k|^2/2 with the norms taken once per pixel, those of k by pixel_norms).
+// One window row per step; the step's (pixel, column) buffer is written out by warps, one
+// pixel's ws values at a time.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    similarity_kernel(const T* __restrict__ q, const T* __restrict__ k, T* __restrict__ S, int C, Geom g, bool dist) {
+    similarity_kernel(const T* __restrict__ q, const T* __restrict__ k, const acc_t<T>* __restrict__ knorm,
+                      T* __restrict__ S, int C, Geom g, bool dist) {
   using A = acc_t<T>;
   extern __shared__ __align__(16) unsigned char smem[];
   const SimSmem lay = sim_smem<A>(g, C, dist);
@@ -48,18 +50,24 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t plane = blockIdx.y;
   const T* qb = q + plane * C * HW;
   const T* kb = k + plane * C * HW;
+  const A* knb = dist ? knorm + plane * HW : nullptr;
   T* Sb = S + plane * HW * K;
 
   halo_columns(cmap, g, j0);
   stage_tile(qs, qb, C, g, i0, j0);
   if (dist) tile_norms(qn, qb, C, g, i0, j0);
   __syncthreads();
-  for (int rr = 0; rr + 1 < g.TI; ++rr) stage_ring_row(ks, kn, kb, C, g, wrap(i0 - g.r + rr, g.H), rr, cmap);
+  auto stage_row = [&](int rr) {
+    const int grow = wrap(i0 - g.r + rr, g.H), slot = rr % g.nslots;
+    stage_ring_row(ks, kb, C, g, grow, slot, cmap);
+    if (dist) stage_ring_scalar(kn, knb, g, grow, slot, cmap);
+  };
+  for (int rr = 0; rr < g.TI; ++rr) stage_row(rr);
+  cp_async_wait();
+  __syncthreads();
 
   for (int a = 0; a < g.ws; ++a) {
-    const int rr = a + g.TI - 1;
-    stage_ring_row(ks, kn, kb, C, g, wrap(i0 - g.r + rr, g.H), rr % g.TI, cmap);
-    __syncthreads();
+    if (a + 1 < g.ws) stage_row(a + g.TI);
     for (int t = threadIdx.x; t < g.ndot; t += blockDim.x) dot_tile(t, buf, qs, C, ks, kn, g, a);
     __syncthreads();
     for (int p = warp_id(); p < g.npix; p += num_warps()) {
@@ -70,6 +78,8 @@ __global__ void __launch_bounds__(kThreads)
       T* dst = Sb + (int64_t(i0 + i) * g.W + (j0 + jj)) * K + int64_t(a) * g.ws;
       for (int c = lane_id(); c < g.ws; c += 32) dst[c] = static_cast<T>(src[c] - sub);
     }
+    cp_async_wait();
+    __syncthreads();
   }
 }
 
@@ -84,18 +94,48 @@ __host__ __device__ ApplySmem apply_smem(const Geom& g, int CB) {
   Bump b;
   ApplySmem s;
   s.x = b.take((long long)(CB > 0 ? CB : 1) * g.ps * sizeof(A));
-  s.buf = b.take((long long)g.npix * g.L * sizeof(A));
+  s.buf = b.take(2LL * g.npix * g.L * sizeof(A));
   s.cmap = b.take((long long)g.cols * sizeof(int));
   s.bytes = b.bytes;
   return s;
 }
 
+// Weights of window row a into the zero-padded buffer: buf[p][c] = w_p(a, c), see apply_kernel.
+// Not transposed: a warp copies one pixel's ws consecutive values. Transposed: position (i, u)
+// is the source pixel (i0+i+a-r, halo column u); lanes walk the output columns jj, whose window
+// column is cp = u - jj, i.e. the source's slot (ws-1-a, ws-1-cp): consecutive addresses.
+template <typename T, typename A>
+__device__ void stage_weights(A* __restrict__ buf, const T* __restrict__ Ab, const Geom& g, int i0, int j0, int a,
+                              bool transposed, const int* __restrict__ cmap) {
+  const int64_t K = int64_t(g.ws) * g.ws;
+  if (!transposed) {
+    for (int p = warp_id(); p < g.npix; p += num_warps()) {
+      const int i = p / g.TJ, jj = p - i * g.TJ;
+      const T* src = Ab + (int64_t(wrap(i0 + i, g.H)) * g.W + wrap(j0 + jj, g.W)) * K + int64_t(a) * g.ws;
+      A* dst = buf + p * g.L + (kRJ - 1);
+      for (int c = lane_id(); c < g.ws; c += 32) put(dst + c, src + c);
+    }
+  } else {
+    const int per = 32 / g.TJ;
+    const int slot_row = (g.ws - 1 - a) * g.ws + (g.ws - 1);
+    const int npos = g.TI * g.cols;
+    const int jj = lane_id() % g.TJ;
+    for (int pos = warp_id() * per + lane_id() / g.TJ; pos < npos; pos += num_warps() * per) {
+      const int i = pos / g.cols, u = pos - i * g.cols;
+      const int cp = u - jj;
+      if (cp < 0 || cp >= g.ws) continue;
+      const int srow = wrap(i0 + i + a - g.r, g.H);
+      put(buf + (i * g.TJ + jj) * g.L + (kRJ - 1) + cp, Ab + (int64_t(srow) * g.W + cmap[u]) * K + slot_row - cp);
+    }
+  }
+}
+
 // y[ch, p] = sum_{a,c} w_p(a, c) * x[ch, p + (a-r, c-r)], where w_p(a, c) is
 //   A[p, a, c]                                   (not transposed), or
 //   A[p + (a-r, c-r), ws-1-a, ws-1-c]            (transposed: the rows whose window holds p).
-// Per window row the weights are staged into the zero-padded buffer (coalesced: runs of a
-// pixel's ws values, or, transposed, runs along one source pixel's slots), then accumulated
-// against the x ring. Block z takes channels [z*NG*RC, (z+1)*NG*RC).
+// Per window row the weights sit in one of two zero-padded buffers (the other receives the next
+// row's weights meanwhile) and are accumulated against the x ring: one barrier per step.
+// Block z takes channels [z*NG*RC, (z+1)*NG*RC).
 template <typename T, int RC>
 __global__ void __launch_bounds__(kThreads)
     apply_kernel(const T* __restrict__ Aw, const T* __restrict__ x, T* __restrict__ y, int C, int NG, Geom g,
@@ -105,7 +145,7 @@ __global__ void __launch_bounds__(kThreads)
   const int CB = NG * RC;
   const ApplySmem lay = apply_smem<A>(g, CB);
   A* xs = reinterpret_cast<A*>(smem + lay.x);
-  A* buf = reinterpret_cast<A*>(smem + lay.buf);
+  A* bufs = reinterpret_cast<A*>(smem + lay.buf);
   int* cmap = reinterpret_cast<int*>(smem + lay.cmap);
 
   int i0, j0;
@@ -117,12 +157,15 @@ __global__ void __launch_bounds__(kThreads)
   const T* Ab = Aw + plane * HW * K;
   const T* xb = x + (plane * C + cb0) * HW;
   T* yb = y + (plane * C + cb0) * HW;
+  const int bufsize = g.npix * g.L;
 
-  for (int idx = threadIdx.x; idx < g.npix * g.L; idx += blockDim.x) buf[idx] = A(0);
+  for (int idx = threadIdx.x; idx < 2 * bufsize; idx += blockDim.x) bufs[idx] = A(0);
   halo_columns(cmap, g, j0);
   __syncthreads();
-  for (int rr = 0; rr + 1 < g.TI; ++rr)
-    stage_ring_row(xs, static_cast<A*>(nullptr), xb, cbn, g, wrap(i0 - g.r + rr, g.H), rr, cmap);
+  for (int rr = 0; rr < g.TI; ++rr) stage_ring_row(xs, xb, cbn, g, wrap(i0 - g.r + rr, g.H), rr % g.nslots, cmap);
+  stage_weights(bufs, Ab, g, i0, j0, 0, transposed, cmap);
+  cp_async_wait();
+  __syncthreads();
 
   const int ngj = g.TJ / kRJ;
   const int tt = threadIdx.x;
@@ -134,35 +177,15 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int rc = 0; rc < RC; ++rc) acc[p][rc] = A(0);
 
-  const int per = 32 / g.TJ > 0 ? 32 / g.TJ : 1;  // transposed staging: positions per warp
   for (int a = 0; a < g.ws; ++a) {
-    if (a > 0) __syncthreads();
-    const int rr = a + g.TI - 1;
-    stage_ring_row(xs, static_cast<A*>(nullptr), xb, cbn, g, wrap(i0 - g.r + rr, g.H), rr % g.TI, cmap);
-    if (!transposed) {
-      for (int p = warp_id(); p < g.npix; p += num_warps()) {
-        const int i = p / g.TJ, jj = p - i * g.TJ;
-        const T* src = Ab + (int64_t(wrap(i0 + i, g.H)) * g.W + wrap(j0 + jj, g.W)) * K + int64_t(a) * g.ws;
-        A* dst = buf + p * g.L + (kRJ - 1);
-        for (int c = lane_id(); c < g.ws; c += 32) dst[c] = static_cast<A>(src[c]);
-      }
-    } else {
-      // position (i, u): source pixel (i0+i+a-r, halo column u); lanes walk output columns jj,
-      // whose window column is cp = u - jj, i.e. source slot (ws-1-a, ws-1-cp): consecutive.
-      const int slot_row = (g.ws - 1 - a) * g.ws + (g.ws - 1);
-      const int npos = g.TI * g.cols;
-      const int jj = lane_id() % g.TJ;
-      for (int pos = warp_id() * per + lane_id() / g.TJ; pos < npos; pos += num_warps() * per) {
-        const int i = pos / g.cols, u = pos - i * g.cols;
-        const int cp = u - jj;
-        if (cp < 0 || cp >= g.ws) continue;
-        const int srow = wrap(i0 + i + a - g.r, g.H);
-        buf[(i * g.TJ + jj) * g.L + (kRJ - 1) + cp] =
-            static_cast<A>(Ab[(int64_t(srow) * g.W + cmap[u]) * K + slot_row - cp]);
-      }
+    if (a + 1 < g.ws) {
+      const int rr = a + g.TI;
+      stage_ring_row(xs, xb, cbn, g, wrap(i0 - g.r + rr, g.H), rr % g.nslots, cmap);
+      stage_weights(bufs + ((a + 1) & 1) * bufsize, Ab, g, i0, j0, a + 1, transposed, cmap);
     }
+    if (owner) accumulate<RC>(acc, bufs + (a & 1) * bufsize, xs, cbn, grp, NG, g, ti, jg, a);
+    cp_async_wait();
     __syncthreads();
-    if (owner) accumulate<RC>(acc, buf, xs, cbn, grp, NG, g, ti, jg, a);
   }
 
   if (owner) {
@@ -196,6 +219,7 @@ at::Tensor similarity(const at::Tensor& q_, const at::Tensor& k_, int64_t window
   if (S.numel() == 0) return S;
   check_planes(B * G, 1);
   const int ws = int(window);
+  const at::Tensor knorm = distance ? pixel_norms(k) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "circatt_similarity", [&] {
     using A = acc_t<scalar_t>;
     const Launch l = choose_launch(
@@ -205,7 +229,8 @@ at::Tensor similarity(const at::Tensor& q_, const at::Tensor& k_, int64_t window
     allow_smem(kernel, l.smem);
     const dim3 grid(unsigned((H + l.g.TI - 1) / l.g.TI * l.g.tiles_j), unsigned(B * G));
     kernel<<<grid, l.threads, l.smem, c10::cuda::getCurrentCUDAStream()>>>(
-        q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), S.data_ptr<scalar_t>(), int(C), l.g, distance);
+        q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), distance ? knorm.data_ptr<A>() : nullptr,
+        S.data_ptr<scalar_t>(), int(C), l.g, distance);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return S;

@@ -3,22 +3,25 @@
 // Every kernel follows one scheme. A block owns a tile of TI x TJ query pixels of one
 // (batch, head) plane and walks the ws window rows a = 0..ws-1. For window row a, tile row i
 // needs the halo row i0 + i + a - r (wrapped), TJ + ws - 1 columns wide (wrapped). These rows
-// live in a ring of TI rows in shared memory, all channels of each, so a step loads one new
-// halo row and every key/value element is read from global memory about
+// live in a ring of TI + 1 rows in shared memory, all channels of each: while step a computes on
+// rows a .. a+TI-1, the spare slot receives row a+TI by asynchronous copies (cp.async), waited
+// for at the step's closing barrier. Every key/value element is read from global memory about
 // (TI + ws - 1) / TI times per tile. Within a step a "dot" loop fills a (pixel, window column)
 // buffer from the tile and the ring, and an "accumulate" loop sums such a buffer of weights
 // against the ring. Shared memory holds the accumulation type (float, or double for double).
 //
 // Layout conventions (elements of the accumulation type A):
 //   tile    [ch][npix]            pixel p = i * TJ + jj
-//   ring    [ch][slot][col]       slot = (halo row) mod TI, row stride rs, plane stride ps
+//   ring    [ch][slot][col]       slot = (halo row) mod (TI+1), row stride rs, plane stride ps
 //   buffer  [p][L]                L = (kRJ-1) zeros | ws values | (kRJ-1) zeros
 #pragma once
 
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -68,6 +71,7 @@ struct Geom {
   int H, W, ws, r;   // image, window, radius
   int TI, TJ, npix;  // tile of TI x TJ pixels
   int cols;          // halo columns, TJ + ws - 1
+  int nslots;        // ring rows, TI + 1
   int rs, ps;        // ring row stride and plane stride (odd: spreads banks)
   int L;             // buffer row length, ws + 2 * (kRJ - 1)
   int tiles_j;       // tiles along W
@@ -79,8 +83,9 @@ inline Geom make_geom(int H, int W, int ws, int TI, int TJ) {
   g.H = H; g.W = W; g.ws = ws; g.r = (ws - 1) / 2;
   g.TI = TI; g.TJ = TJ; g.npix = TI * TJ;
   g.cols = TJ + ws - 1;
+  g.nslots = TI + 1;
   g.rs = (g.cols + 7) | 1;  // the dot loop reads up to 6 columns past the halo
-  g.ps = (TI * g.rs) | 1;
+  g.ps = (g.nslots * g.rs) | 1;
   g.L = ws + 2 * (kRJ - 1);
   g.tiles_j = (W + TJ - 1) / TJ;
   g.ndot = TI * (TJ / kDJ) * ((ws + kDC - 1) / kDC);
@@ -96,6 +101,23 @@ struct Bump {
     return at;
   }
 };
+
+// Asynchronous global -> shared copy of one 4- or 8-byte element (sm_80+); lands by cp_async_wait().
+template <int N>
+__device__ __forceinline__ void cp_async(void* dst, const void* src) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(s), "l"(src), "n"(N) : "memory");
+}
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+
+// One element into shared memory: asynchronously when no conversion is needed, else converted.
+template <typename T, typename A>
+__device__ __forceinline__ void put(A* dst, const T* src) {
+  if constexpr (std::is_same<T, A>::value)
+    cp_async<sizeof(A)>(dst, src);
+  else
+    *dst = static_cast<A>(*src);
+}
 
 __device__ __forceinline__ void tile_origin(const Geom& g, int& i0, int& j0) {
   i0 = int(blockIdx.x / g.tiles_j) * g.TI;
@@ -140,11 +162,11 @@ __device__ void tile_norms(A* __restrict__ dst, const T* __restrict__ src, int C
   }
 }
 
-// Image row `grow` (wrapped already), all C channels, halo columns, into ring slot `slot`;
-// with `norms`, also the squared norm of each halo column into norms[slot][u].
+// Image row `grow` (wrapped already), all C channels, halo columns, into ring slot `slot`
+// (asynchronous for float and double).
 template <typename T, typename A>
-__device__ void stage_ring_row(A* __restrict__ ring, A* __restrict__ norms, const T* __restrict__ src, int C,
-                               const Geom& g, int grow, int slot, const int* __restrict__ cmap) {
+__device__ void stage_ring_row(A* __restrict__ ring, const T* __restrict__ src, int C, const Geom& g, int grow,
+                               int slot, const int* __restrict__ cmap) {
   const int64_t HW = int64_t(g.H) * g.W;
   const T* s = src + int64_t(grow) * g.W;
   A* d = ring + slot * g.rs;
@@ -152,17 +174,7 @@ __device__ void stage_ring_row(A* __restrict__ ring, A* __restrict__ norms, cons
     const T* sc = s + ch * HW;
     A* dc = d + ch * g.ps;
 #pragma unroll 4
-    for (int u = lane_id(); u < g.cols; u += 32) dc[u] = static_cast<A>(sc[cmap[u]]);
-  }
-  if (norms != nullptr) {
-    for (int u = threadIdx.x; u < g.cols; u += blockDim.x) {
-      A acc = 0;
-      for (int ch = 0; ch < C; ++ch) {
-        const A v = static_cast<A>(s[ch * HW + cmap[u]]);
-        acc += v * v;
-      }
-      norms[slot * g.rs + u] = acc;
-    }
+    for (int u = lane_id(); u < g.cols; u += 32) put(dc + u, sc + cmap[u]);
   }
 }
 
@@ -171,7 +183,7 @@ template <typename A>
 __device__ void stage_ring_scalar(A* __restrict__ ring, const A* __restrict__ src, const Geom& g, int grow, int slot,
                                   const int* __restrict__ cmap) {
   const A* s = src + int64_t(grow) * g.W;
-  for (int u = threadIdx.x; u < g.cols; u += blockDim.x) ring[slot * g.rs + u] = s[cmap[u]];
+  for (int u = threadIdx.x; u < g.cols; u += blockDim.x) put(ring + slot * g.rs + u, s + cmap[u]);
 }
 
 template <typename A> __device__ __forceinline__ void load4(A (&d)[4], const A* p);
@@ -186,7 +198,7 @@ template <> __device__ __forceinline__ void load4<double>(double (&d)[4], const 
 }
 
 // Dot loop, one thread tile: pixels jj0..jj0+3 of tile row i against window columns
-// c0..c0+7 of window row a:  buf[p][c] = sum_ch tile[ch][p] * ring[ch][(i+a) mod TI][jj + c]
+// c0..c0+7 of window row a:  buf[p][c] = sum_ch tile[ch][p] * ring[ch][(i+a) mod (TI+1)][jj + c]
 // (minus norms/2 of the ring column when `rnorm` is given). Tiles are numbered with the pixel
 // group fastest, then the tile row, so that a warp reads 32 distinct banks of the ring.
 template <typename A>
@@ -197,7 +209,7 @@ __device__ __forceinline__ void dot_tile(int t, A* __restrict__ buf, const A* __
   const int jg = t % ngj, rest = t / ngj;
   const int i = rest % g.TI, cg = rest / g.TI;
   const int jj0 = jg * kDJ, c0 = cg * kDC;
-  const int slot = (i + a) % g.TI;
+  const int slot = (i + a) % g.nslots;
   const A* qp = tile + i * g.TJ + jj0;
   const A* kp = ring + slot * g.rs + jj0 + c0;
   A acc[kDJ][kDC];
@@ -233,14 +245,14 @@ __device__ __forceinline__ void dot_tile(int t, A* __restrict__ buf, const A* __
 }
 
 // Accumulate loop of one thread: pixels jj0..jj0+7 of tile row i, channels chbase + rc*chstride:
-//   acc[p][rc] += sum_c buf[p][c] * ring[ch][(i+a) mod TI][jj + c]
+//   acc[p][rc] += sum_c buf[p][c] * ring[ch][(i+a) mod (TI+1)][jj + c]
 // run over halo columns t = jj0 + p + c with the zero-padded buffer, so that each ring value
 // is loaded once for all kRJ pixels. Channels >= C read plane 0 and are never written out.
 template <int RC, typename A>
 __device__ __forceinline__ void accumulate(A (&acc)[kRJ][RC], const A* __restrict__ buf, const A* __restrict__ ring,
                                            int C, int chbase, int chstride, const Geom& g, int i, int jg, int a) {
   const int jj0 = jg * kRJ;
-  const int slot = (i + a) % g.TI;
+  const int slot = (i + a) % g.nslots;
   const A* wp = buf + (i * g.TJ + jj0) * g.L + (kRJ - 1);
   const A* xp[RC];
 #pragma unroll
@@ -260,6 +272,25 @@ __device__ __forceinline__ void accumulate(A (&acc)[kRJ][RC], const A* __restric
 #pragma unroll
       for (int rc = 0; rc < RC; ++rc) acc[p][rc] = fma(w, xv[rc], acc[p][rc]);
     }
+  }
+}
+
+// |x[plane, :, n]|^2 for every pixel: the per-key term of the distance similarity, staged as a
+// scalar ring row next to the keys.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    pixel_norms_kernel(const T* __restrict__ x, acc_t<T>* __restrict__ out, int C, int64_t HW, int64_t total) {
+  using A = acc_t<T>;
+  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
+       idx += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t plane = idx / HW, n = idx - plane * HW;
+    const T* p = x + plane * C * HW + n;
+    A acc = A(0);
+    for (int c = 0; c < C; ++c) {
+      const A v = static_cast<A>(p[c * HW]);
+      acc += v * v;
+    }
+    out[idx] = acc;
   }
 }
 
@@ -354,6 +385,25 @@ Launch choose_launch(int H, int W, int ws, int groups, int dots, SmemOf smem_of,
               " with these channel counts needs more shared memory than the device has; split the channels "
               "into more heads or use a smaller window");
   return Launch{};
+}
+
+inline unsigned grid_stride_blocks(int64_t total) {
+  const int64_t b = (total + kThreads - 1) / kThreads;
+  return unsigned(b < 8192 ? (b > 0 ? b : 1) : 8192);
+}
+
+// Per-pixel squared norms of a contiguous (B, G, C, H, W) tensor, in the accumulation type.
+inline at::Tensor pixel_norms(const at::Tensor& x) {
+  const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = at::empty({x.size(0), x.size(1), x.size(3), x.size(4)}, x.options().dtype(acc));
+  const int64_t HW = x.size(3) * x.size(4), total = out.numel();
+  if (total == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "circatt_pixel_norms", [&] {
+    pixel_norms_kernel<scalar_t><<<grid_stride_blocks(total), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        x.data_ptr<scalar_t>(), out.data_ptr<acc_t<scalar_t>>(), int(x.size(2)), HW, total);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
 }
 
 template <typename Kernel>

@@ -1,0 +1,276 @@
+"""`circatt eval`: PSNR and SSIM of a GroupCDL model (and optional classical peers) on folders of clean
+images, with the field's convention: fixed per-image noise, noisy input not clipped, output clipped."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import statistics
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from torch import Tensor
+
+from .data import decode, image_files
+from .devices import resolve_device
+from .metrics import psnr, ssim
+from .model import GroupCDL
+from .noise import estimate_sigma
+from .weights import WeightsError, load_model
+
+PEERS = ("nlm", "bm3d")
+
+
+@dataclass
+class Result:
+    """One denoised image: the method, where the image came from, the noise, and the scores."""
+
+    dataset: str
+    image: str
+    sigma: float
+    method: str
+    sigma_used: float
+    psnr: float
+    ssim: float
+
+
+def noise_seed(name: str, sigma: float) -> int:
+    """A seed from the file name and the noise level (0-255 scale), the same on every machine and run."""
+    return int.from_bytes(hashlib.sha256(f"{name}|{sigma:g}".encode()).digest()[:8], "little") >> 1
+
+
+def add_noise(clean: Tensor, name: str, sigma: float) -> Tensor:
+    """clean + N(0, (sigma/255)^2) with the image's fixed seed; the noisy image is not clipped."""
+    generator = torch.Generator().manual_seed(noise_seed(name, sigma))
+    return clean + torch.randn(clean.shape, generator=generator) * (sigma / 255.0)
+
+
+def load_image(path: Path, channels: int) -> Tensor:
+    """(1, channels, H, W) float in [0, 1]; RGB files become luma for a gray model, gray files RGB copies."""
+    array = decode(path, channels)
+    return torch.from_numpy(array).permute(2, 0, 1)[None].float() / 255.0
+
+
+@torch.no_grad()
+def run_model(model: GroupCDL, noisy: Tensor, sigma: float) -> Tensor:
+    """The model's output for one noisy image (sigma on the 0-255 scale), clipped to [0, 1], on the CPU."""
+    device = next(model.parameters()).device
+    out = model(noisy.to(device), torch.tensor([sigma / 255.0], device=device))
+    return out.clamp(0.0, 1.0).cpu()
+
+
+def _to_uint8(img: Tensor) -> np.ndarray:
+    return (img[0].clamp(0, 1) * 255.0).round().byte().permute(1, 2, 0).numpy()
+
+
+def nlm(noisy: Tensor, sigma: float) -> Tensor:
+    """OpenCV non-local means (on the clipped, 8-bit noisy image, as OpenCV requires), h = 0.8 sigma."""
+    import cv2
+
+    img = _to_uint8(noisy)
+    h = 0.8 * sigma
+    if img.shape[-1] == 1:
+        out = cv2.fastNlMeansDenoising(img[..., 0], None, h, 7, 21)[..., None]
+    else:
+        out = cv2.fastNlMeansDenoisingColored(img, None, h, h, 7, 21)
+    return torch.from_numpy(out).permute(2, 0, 1)[None].float() / 255.0
+
+
+def bm3d_peer(noisy: Tensor, sigma: float) -> Tensor:
+    """BM3D from the `bm3d` package with the true sigma (bm3d_rgb for color)."""
+    import bm3d
+
+    img = noisy[0].permute(1, 2, 0).double().numpy()
+    if img.shape[-1] == 1:
+        out = bm3d.bm3d(img[..., 0], sigma_psd=sigma / 255.0)[..., None]
+    else:
+        out = bm3d.bm3d_rgb(img, sigma_psd=sigma / 255.0)
+    return torch.from_numpy(np.ascontiguousarray(out)).permute(2, 0, 1)[None].float().clamp(0.0, 1.0)
+
+
+def available_peers(names: list[str]) -> tuple[dict[str, Callable[[Tensor, float], Tensor]], list[str]]:
+    """The peers that can run here, and one note per requested peer that cannot."""
+    modules = {"nlm": ("cv2", nlm, "opencv-python-headless"), "bm3d": ("bm3d", bm3d_peer, "bm3d")}
+    found, notes = {}, []
+    for name in names:
+        module, fn, package = modules[name]
+        try:
+            __import__(module)
+        except ImportError:
+            notes.append(f"peer {name!r} skipped: `{module}` is not installed (pip install {package})")
+            continue
+        found[name] = fn
+    return found, notes
+
+
+def evaluate_image(
+    model: GroupCDL, clean: Tensor, dataset: str, name: str, sigma: float, estimate: bool, peers: dict
+) -> Iterator[Result]:
+    """Score the model (true sigma; and estimated sigma when asked) and each peer on one noisy image."""
+    noisy = add_noise(clean, name, sigma)
+
+    def score(method: str, out: Tensor, used: float) -> Result:
+        return Result(dataset, name, sigma, method, used, float(psnr(out, clean)), float(ssim(out, clean)))
+
+    yield score("groupcdl", run_model(model, noisy, sigma), sigma)
+    if estimate:
+        guess = float(estimate_sigma(noisy)) * 255.0
+        yield score("groupcdl-est", run_model(model, noisy, guess), guess)
+    for peer, fn in peers.items():
+        yield score(peer, fn(noisy, sigma), sigma)
+
+
+def mean_table(results: list[Result]) -> dict[tuple[str, float, str], tuple[float, float, int]]:
+    """(dataset, sigma, method) -> (mean PSNR, mean SSIM, images)."""
+    groups: dict[tuple[str, float, str], list[Result]] = {}
+    for r in results:
+        groups.setdefault((r.dataset, r.sigma, r.method), []).append(r)
+    return {
+        key: (statistics.fmean(r.psnr for r in rs), statistics.fmean(r.ssim for r in rs), len(rs))
+        for key, rs in groups.items()
+    }
+
+
+def render_means(results: list[Result], title: str) -> Table:
+    """A rich table: one row per (dataset, sigma), PSNR / SSIM columns per method."""
+    means = mean_table(results)
+    methods = list(dict.fromkeys(r.method for r in results))
+    table = Table(title=title)
+    table.add_column("dataset")
+    table.add_column("sigma", justify="right")
+    table.add_column("images", justify="right")
+    for m in methods:
+        table.add_column(f"{m} PSNR / SSIM", justify="right")
+    for dataset, sigma in dict.fromkeys((r.dataset, r.sigma) for r in results):
+        cells = [means.get((dataset, sigma, m)) for m in methods]
+        count = next(c[2] for c in cells if c)
+        table.add_row(dataset, f"{sigma:g}", str(count), *(f"{c[0]:.2f} / {c[1]:.4f}" if c else "-" for c in cells))
+    return table
+
+
+def render_images(results: list[Result]) -> Table:
+    table = Table(title="per image")
+    for name in ("dataset", "image", "sigma", "method", "sigma used", "PSNR", "SSIM"):
+        table.add_column(name)
+    for r in results:
+        table.add_row(r.dataset, r.image, f"{r.sigma:g}", r.method, f"{r.sigma_used:.2f}", f"{r.psnr:.2f}", f"{r.ssim:.4f}")
+    return table
+
+
+def write_json(path: Path, results: list[Result], meta: dict) -> None:
+    means = [
+        {"dataset": d, "sigma": s, "method": m, "psnr": p, "ssim": q, "images": n}
+        for (d, s, m), (p, q, n) in mean_table(results).items()
+    ]
+    path.write_text(json.dumps({**meta, "means": means, "images": [asdict(r) for r in results]}, indent=2) + "\n")
+
+
+def write_csv(path: Path, results: list[Result]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(Result.__dataclass_fields__))
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in results)
+
+
+def _check_folders(folders: list[Path]) -> None:
+    for folder in folders:
+        if not folder.is_dir():
+            raise typer.BadParameter(f"not a folder: {folder}", param_hint="--data")
+        if not image_files(folder):
+            raise typer.BadParameter(f"no images in {folder}", param_hint="--data")
+
+
+def _parse_peers(text: str) -> list[str]:
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [p for p in names if p not in PEERS]
+    if bad:
+        raise typer.BadParameter(f"unknown peer(s) {bad}; choose from {list(PEERS)}", param_hint="--peers")
+    return names
+
+
+def _parse_sigmas(values: list[str]) -> list[float]:
+    try:
+        sigmas = [float(v) for text in values for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"noise levels must be numbers, got {values}", param_hint="--sigma") from None
+    if not sigmas or min(sigmas) < 0:
+        raise typer.BadParameter("give one or more noise levels >= 0", param_hint="--sigma")
+    return sigmas
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console
+    )
+
+
+def run_eval(
+    model: GroupCDL,
+    folders: list[Path],
+    sigmas: list[float],
+    estimate: bool = False,
+    peers: dict | None = None,
+    limit: int | None = None,
+    console: Console | None = None,
+) -> list[Result]:
+    """Evaluate on every (folder, image, sigma) with a rich progress bar; returns the per-image results."""
+    console = console or Console(stderr=True)
+    jobs = [(folder, path) for folder in folders for path in image_files(folder)[:limit]]
+    results: list[Result] = []
+    with _progress(console) as bar:
+        task = bar.add_task("eval", total=len(jobs) * len(sigmas))
+        for folder, path in jobs:
+            clean = load_image(path, model.config.channels)
+            for sigma in sigmas:
+                bar.update(task, description=f"{folder.name}/{path.name} sigma {sigma:g}")
+                results.extend(evaluate_image(model, clean, folder.name, path.name, sigma, estimate, peers or {}))
+                bar.advance(task)
+    return results
+
+
+def eval_command(
+    model: str = typer.Option("gray", "--model", help="'gray', 'color' or a .safetensors path."),
+    data: list[Path] = typer.Option(..., "--data", help="A folder of clean images; repeat --data for more."),
+    sigma: list[str] = typer.Option(["15,25,50"], "--sigma", help="Noise levels on the 0-255 scale: repeat, or 15,25,50."),
+    estimate_sigma_: bool = typer.Option(False, "--estimate-sigma", help="Also run with the estimated sigma (MAD)."),
+    peers: str = typer.Option("", "--peers", help="Comma-separated classical peers: nlm, bm3d."),
+    json_path: Path | None = typer.Option(None, "--json", help="Write every result and the means as JSON."),
+    csv_path: Path | None = typer.Option(None, "--csv", help="Write the per-image results as CSV."),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="Only the first N images (by name) of each folder."),
+    per_image: bool = typer.Option(False, "--per-image", help="Also print the per-image table."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+) -> None:
+    """PSNR / SSIM of a model on folders of clean images, with fixed-seed noise per image."""
+    _check_folders(data)
+    sigmas = _parse_sigmas(sigma)
+    torch_device, _ = resolve_device(device)
+    peer_fns, notes = available_peers(_parse_peers(peers))
+    console = Console()
+    for note in notes:
+        console.print(f"[yellow]note:[/] {note}")
+    try:
+        net = load_model(model, torch_device)
+    except WeightsError as err:
+        console.print(f"[red]error:[/] {err}")
+        raise typer.Exit(2) from None
+    results = run_eval(net, data, sigmas, estimate_sigma_, peer_fns, limit)
+    if per_image:
+        console.print(render_images(results))
+    console.print(render_means(results, f"circatt eval -- model {model}"))
+    meta = {"model": str(model), "config": net.config.to_dict(), "sigmas": sigmas, "limit": limit}
+    if json_path:
+        write_json(json_path, results, meta)
+    if csv_path:
+        write_csv(csv_path, results)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval")(eval_command)

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# One chunk of GPU training, resumable: scripts/train_gpu.sh PRESET STEPS
+#
+# Run from the repository root on the GPU machine, with data_cache/CBSD432.npz carried (make it with
+# `python scripts/pack_data.py`) and runs/PRESET/last.pt carried when continuing. Uses every visible GPU
+# (torchrun + DDP over NCCL when there are several), stops cleanly after MAX_MINUTES (default 7) with a
+# checkpoint, copies the checkpoint and the log to $OUT, and prints the measured throughput.
+# STEPS is the total of the whole run (the learning-rate schedule spans it), not of this chunk.
+# Environment: MAX_MINUTES, DATA (default data_cache/CBSD432.npz), BATCH (per GPU, default 12), EXTRA (more flags).
+set -euo pipefail
+
+usage="usage: scripts/train_gpu.sh gray|color STEPS"
+PRESET=${1:?$usage}
+STEPS=${2:?$usage}
+MAX_MINUTES=${MAX_MINUTES:-7}
+DATA=${DATA:-data_cache/CBSD432.npz}
+BATCH=${BATCH:-12}
+RUN=runs/$PRESET
+OUT=${OUT:-$RUN/export}
+
+case "$PRESET" in gray|color) ;; *) echo "$usage" >&2; exit 2 ;; esac
+if [ ! -e "$DATA" ]; then
+    echo "no training data at $DATA: run 'python scripts/pack_data.py' and carry data_cache/" >&2
+    exit 2
+fi
+
+# Import the packages from this tree without installing anything: circatt_ops lives in ops/.
+mkdir -p "$RUN/python" "$OUT"
+ln -sfn "$PWD/ops" "$RUN/python/circatt_ops"
+ln -sfn "$PWD/circatt_cli" "$RUN/python/circatt_cli"
+export PYTHONPATH="$PWD/$RUN/python${PYTHONPATH:+:$PYTHONPATH}"
+# torchrun needs a file to run: a two-line launcher of the CLI.
+LAUNCHER=$RUN/python/launch_circatt.py
+printf 'from circatt_cli.app import main\nmain()\n' > "$LAUNCHER"
+
+ARGS=(train "$DATA" --preset "$PRESET" --out "$RUN" --steps "$STEPS" --batch "$BATCH"
+      --max-minutes "$MAX_MINUTES" --checkpoint-minutes 2 --log-every 50)
+if [ -f "$RUN/last.pt" ]; then
+    ARGS+=(--resume)
+    echo "resuming from $RUN/last.pt"
+fi
+# shellcheck disable=SC2206
+ARGS+=(${EXTRA:-})
+
+NGPU=$(python -c "import torch; print(torch.cuda.device_count())")
+echo "preset $PRESET, $NGPU GPU(s), batch $BATCH per GPU, total steps $STEPS, chunk <= $MAX_MINUTES min"
+START=$(date +%s)
+if [ "$NGPU" -gt 1 ]; then
+    torchrun --standalone --nproc_per_node="$NGPU" "$LAUNCHER" "${ARGS[@]}"
+else
+    python "$LAUNCHER" "${ARGS[@]}"
+fi
+echo "chunk wall time: $(( $(date +%s) - START )) s"
+
+cp "$RUN/last.pt" "$RUN/log.jsonl" "$OUT/"
+python - "$RUN/log.jsonl" <<'PY'
+import json, sys
+ends = [e for e in map(json.loads, open(sys.argv[1])) if e["event"] == "end"]
+e = ends[-1]
+print(f"throughput: {e['images_per_s']:.1f} images/s, {e['steps_per_s']:.3f} steps/s "
+      f"({e['world']} GPU(s) x batch {e['batch_per_process']}); now at step {e['step']} (+{e['steps_this_run']}); "
+      f"peak GPU memory {e.get('max_memory_gib', 0):.1f} GiB (rank 0)")
+PY

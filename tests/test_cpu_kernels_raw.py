@@ -1,0 +1,127 @@
+"""The raw C++ CPU kernels (ops/csrc/cpu) against a plain roll-based reference written here.
+
+Calls the extension directly, below the dispatch and autograd layers, with shapes that reach every
+path of the kernels: H != W, windows 1 to 9, channel counts that are not whole SIMD vectors or
+register tiles, images wider than one vector of queries, several heads, strided inputs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from circatt_ops import _extension
+
+
+@pytest.fixture(scope="module")
+def ext():
+    try:
+        return _extension.load("cpu")
+    except _extension.BuildUnavailable as err:
+        pytest.skip(f"CPU kernels cannot be built here: {err}")
+
+
+def offsets(window: int):
+    """(slot, di, dj): slot s = a*window + c looks at pixel (i + di, j + dj)."""
+    r = (window - 1) // 2
+    for a in range(window):
+        for c in range(window):
+            yield a * window + c, a - r, c - r
+
+
+def shifted(x: torch.Tensor, di: int, dj: int) -> torch.Tensor:
+    """The image whose pixel (i, j) holds x[..., (i + di) mod H, (j + dj) mod W]."""
+    return torch.roll(x, shifts=(-di, -dj), dims=(-2, -1))
+
+
+def ref_similarity(q, k, window, distance):
+    B, G, _, H, W = q.shape
+    S = q.new_empty(B, G, H, W, window * window)
+    for s, di, dj in offsets(window):
+        ks = shifted(k, di, dj)
+        S[..., s] = -0.5 * (q - ks).square().sum(2) if distance else (q * ks).sum(2)
+    return S
+
+
+def ref_apply(A, x, window, transposed):
+    y = torch.zeros_like(x)
+    for s, di, dj in offsets(window):
+        w = A[..., s].unsqueeze(2)
+        y += shifted(w * x, -di, -dj) if transposed else w * shifted(x, di, dj)
+    return y
+
+
+def assert_close(actual, expected):
+    rtol = 1e-5 if expected.dtype == torch.float32 else 1e-12
+    scale = expected.abs().max().clamp_min(1.0)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=rtol * scale.item())
+
+
+CASES = [  # (H, W, window, heads, channels)
+    (7, 10, 1, 1, 3),
+    (7, 10, 3, 2, 3),
+    (13, 9, 5, 1, 37),
+    (13, 9, 7, 2, 80),
+    (9, 40, 9, 1, 5),
+    (5, 5, 5, 2, 16),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("H", "W", "window", "heads", "C"), CASES)
+def test_similarity_matches_reference(ext, dtype, H, W, window, heads, C):
+    q, k = (torch.randn(2, heads, C, H, W, dtype=dtype) for _ in range(2))
+    for distance in (False, True):
+        assert_close(ext.similarity(q, k, window, distance), ref_similarity(q, k, window, distance))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("H", "W", "window", "heads", "C"), CASES)
+def test_apply_matches_reference(ext, dtype, H, W, window, heads, C):
+    x = torch.randn(2, heads, C, H, W, dtype=dtype)
+    A = torch.randn(2, heads, H, W, window * window, dtype=dtype)
+    for transposed in (False, True):
+        assert_close(ext.apply(A, x, window, transposed), ref_apply(A, x, window, transposed))
+
+
+def test_strided_inputs(ext):
+    q, k, x = (torch.randn(1, 2, 4, 11, 6).transpose(-1, -2) for _ in range(3))
+    A = torch.randn(1, 2, 6, 11, 18)[..., ::2]
+    assert_close(ext.similarity(q, k, 3, False), ref_similarity(q, k, 3, False))
+    assert_close(ext.apply(A, x, 3, True), ref_apply(A, x, 3, True))
+
+
+def test_results_do_not_depend_on_the_thread_count(ext):
+    q, k, x = (torch.randn(2, 2, 8, 12, 14) for _ in range(3))
+    A = torch.randn(2, 2, 12, 14, 25)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = ext.similarity(q, k, 5, True), ext.apply(A, x, 5, False), ext.apply(A, x, 5, True)
+        torch.set_num_threads(max(2, threads))
+        parallel = ext.similarity(q, k, 5, True), ext.apply(A, x, 5, False), ext.apply(A, x, 5, True)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(serial, parallel):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda e: e.similarity(torch.randn(1, 1, 2, 5, 5).half(), torch.randn(1, 1, 2, 5, 5).half(), 3, False),
+         "float32 or float64"),
+        (lambda e: e.similarity(torch.randn(1, 2, 5, 5), torch.randn(1, 2, 5, 5), 3, False), "5 dims"),
+        (lambda e: e.similarity(torch.randn(1, 1, 2, 5, 5), torch.randn(1, 1, 2, 5, 6), 3, False), "shapes differ"),
+        (lambda e: e.similarity(torch.randn(1, 1, 2, 5, 5), torch.randn(1, 1, 2, 5, 5).double(), 3, False),
+         "dtypes differ"),
+        (lambda e: e.similarity(torch.randn(1, 1, 2, 5, 5), torch.randn(1, 1, 2, 5, 5), 4, False), "odd"),
+        (lambda e: e.similarity(torch.randn(1, 1, 2, 5, 9), torch.randn(1, 1, 2, 5, 9), 7, True), "exceeds"),
+        (lambda e: e.apply(torch.randn(1, 1, 5, 5, 4), torch.randn(1, 1, 2, 5, 5), 3, False), "must have shape"),
+        (lambda e: e.apply(torch.randn(1, 1, 5, 5, 9).int(), torch.randn(1, 1, 2, 5, 5).int(), 3, False),
+         "float32 or float64"),
+    ],
+)
+def test_bad_arguments_raise(ext, call, message):
+    with pytest.raises(RuntimeError, match=message):
+        call(ext)

@@ -1,0 +1,189 @@
+"""`circatt denoise` driven through Typer's CliRunner with tiny GroupCDL models on synthetic images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from circatt_cli.app import app
+from circatt_cli.model import GroupCDL, GroupCDLConfig
+from circatt_cli.tiling import axis_windows, run_tiled
+from circatt_cli.weights import save_model
+
+TINY = {"iterations": 5, "filters": 8, "attn_channels": 4, "window": 5}
+
+
+def save_tiny_models(folder):
+    """Tiny gray and color models under the shipped names in `folder` (for CIRCATT_WEIGHTS)."""
+    generator = torch.Generator().manual_seed(0)
+    for name, channels in (("gray", 1), ("color", 3)):
+        model = GroupCDL(GroupCDLConfig(channels=channels, **TINY), init=False)
+        model.reset_parameters(power_iterations=10, generator=generator)
+        save_model(model, folder / f"groupcdl-{name}.safetensors")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    return save_tiny_models(tmp_path_factory.mktemp("weights"))
+
+
+@pytest.fixture
+def cli(weights, monkeypatch, tmp_path):
+    """Run `circatt ARGS` in tmp_path with the tiny weights; returns the click Result."""
+    monkeypatch.setenv("CIRCATT_WEIGHTS", str(weights))
+    monkeypatch.chdir(tmp_path)
+    return lambda *args: CliRunner().invoke(app, [str(a) for a in args])
+
+
+def noisy(h: int, w: int, channels: int = 3, seed: int = 0) -> np.ndarray:
+    """A smooth pattern plus noise, uint8 (h, w, channels) or (h, w) for one channel."""
+    yy, xx = np.mgrid[:h, :w] / max(h, w)
+    base = np.stack([0.5 + 0.3 * np.sin(6 * xx + k) * np.cos(4 * yy) for k in range(channels)], -1)
+    data = base + np.random.default_rng(seed).normal(0, 0.08, base.shape)
+    out = np.clip(np.rint(data * 255), 0, 255).astype(np.uint8)
+    return out[..., 0] if channels == 1 else out
+
+
+def save(path, array, **kwargs):
+    Image.fromarray(array).save(path, **kwargs)
+    return path
+
+
+def test_gray_rgb_odd_and_tiny(cli, tmp_path):
+    save(tmp_path / "gray.png", noisy(33, 47, 1))
+    save(tmp_path / "rgb.jpg", noisy(40, 31))
+    save(tmp_path / "tiny.png", noisy(8, 8))
+    result = cli("denoise", "gray.png", "rgb.jpg", "tiny.png", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    for name, size, mode in (("gray_denoised.png", (47, 33), "L"), ("rgb_denoised.jpg", (31, 40), "RGB"), ("tiny_denoised.png", (8, 8), "RGB")):
+        out = Image.open(tmp_path / name)
+        assert out.size == size and out.mode == mode
+        assert np.asarray(out).std() > 0  # not a blank image
+    assert "estimated" in result.output and "device: cpu" in result.output
+    assert "rgb_denoised.jpg" in result.output  # summary table
+
+
+def test_rgba_16bit_and_exif(cli, tmp_path):
+    rgba = np.concatenate([noisy(20, 26), np.arange(20 * 26, dtype=np.uint8).reshape(20, 26, 1)], -1)
+    save(tmp_path / "rgba.png", rgba)
+    save(tmp_path / "deep.png", (noisy(21, 18, 1).astype(np.uint16) * 257))
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    save(tmp_path / "rot.png", noisy(12, 30), exif=exif.tobytes())
+    result = cli("denoise", "rgba.png", "deep.png", "rot.png", "--sigma", "20")
+    assert result.exit_code == 0, result.output
+    out = np.asarray(Image.open(tmp_path / "rgba_denoised.png"))
+    assert out.shape == (20, 26, 4) and np.array_equal(out[..., 3], rgba[..., 3])
+    deep = Image.open(tmp_path / "deep_denoised.png")
+    assert deep.mode == "I;16"
+    assert Image.open(tmp_path / "rot_denoised.png").size == (12, 30)
+    assert "20.00 (given" in result.output
+
+
+def test_tiled_matches_untiled_within_tolerance(cli, tmp_path):
+    save(tmp_path / "big.png", noisy(80, 97, 1))
+    assert cli("denoise", "big.png", "-o", "whole.png", "--sigma", "25").exit_code == 0
+    result = cli("denoise", "big.png", "-o", "tiled.png", "--sigma", "25", "--tile", "40")
+    assert result.exit_code == 0, result.output
+    whole = np.asarray(Image.open(tmp_path / "whole.png")).astype(int)
+    tiled = np.asarray(Image.open(tmp_path / "tiled.png")).astype(int)
+    # Tolerance (docs/cli.md): with the margin covering the receptive field and every tile using the
+    # whole image's mean, tiles differ from the untiled result by 8-bit rounding alone.
+    diff = np.abs(whole - tiled)
+    assert "tiles" in result.output
+    assert diff.max() <= 1 and diff.mean() < 0.05
+
+
+def test_tiler_is_exact_for_a_local_operator():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(2, 2, 9, padding=4, bias=False)
+    x = torch.rand(1, 2, 101, 130)
+    with torch.no_grad():
+        for margin in (4, 10):
+            assert torch.allclose(run_tiled(conv, x, 48, margin), conv(x), atol=1e-6)
+    windows = axis_windows(101, 48, 12, 10)
+    assert windows[0].start == 0 and windows[-1].stop == 101
+    assert all(w.lo == 0 or w.lo % 2 == 1 for w in windows)  # odd side: tiles start on the model's stride phase
+
+
+def test_bad_inputs_one_line_each_and_nonzero_exit(cli, tmp_path):
+    save(tmp_path / "good.png", noisy(16, 16))
+    (tmp_path / "corrupt.png").write_bytes(b"not an image")
+    (tmp_path / "doc.txt").write_text("text")
+    result = cli("denoise", "good.png", "corrupt.png", "missing.png", "doc.txt", "--sigma", "10")
+    assert result.exit_code == 1
+    assert (tmp_path / "good_denoised.png").exists()
+    for name in ("corrupt.png", "missing.png", "doc.txt"):
+        assert f"error: {name}:" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_overwrite_protection(cli, tmp_path):
+    save(tmp_path / "a.png", noisy(16, 16))
+    (tmp_path / "a_denoised.png").write_bytes(b"precious")
+    result = cli("denoise", "a.png", "--sigma", "10")
+    assert result.exit_code == 1 and "--overwrite" in result.output
+    assert (tmp_path / "a_denoised.png").read_bytes() == b"precious"
+    assert cli("denoise", "a.png", "--sigma", "10", "--overwrite").exit_code == 0
+    assert Image.open(tmp_path / "a_denoised.png").size == (16, 16)
+    before = (tmp_path / "a.png").read_bytes()
+    result = cli("denoise", "a.png", "-o", "a.png", "--overwrite")
+    assert result.exit_code == 1 and "is an input" in result.output
+    assert (tmp_path / "a.png").read_bytes() == before
+
+
+def test_folders_globs_and_output_folder(cli, tmp_path):
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    save(tmp_path / "in" / "a.png", noisy(16, 18))
+    save(tmp_path / "in" / "sub" / "b.png", noisy(14, 12, 1))
+    result = cli("denoise", "in", "--recursive", "-o", "out", "--sigma", "15")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "a_denoised.png").exists() and (tmp_path / "out" / "sub" / "b_denoised.png").exists()
+    result = cli("denoise", "in/*.png", "--sigma", "15")
+    assert result.exit_code == 0 and (tmp_path / "in" / "a_denoised.png").exists()
+    assert cli("denoise", "nothing/*.png").exit_code == 1
+
+
+def test_usage_errors(cli, tmp_path):
+    save(tmp_path / "a.png", noisy(16, 16))
+    save(tmp_path / "b.png", noisy(16, 16))
+    for args, text in (
+        (("--device", "cuda:7"), "--device"),
+        (("--device", "tpu"), "--device"),
+        (("--sigma", "-3"), "--sigma"),
+        (("--model", "nowhere.safetensors"), "--model"),
+        (("--jpeg-quality", "0"), "--jpeg-quality"),
+    ):
+        result = cli("denoise", "a.png", *args)
+        assert result.exit_code == 2 and text in result.output and "Traceback" not in result.output
+    assert cli("denoise", "a.png", "b.png", "-o", "one.png").exit_code == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
+def test_cuda_absent_is_an_error_not_a_fallback(cli, tmp_path):
+    save(tmp_path / "a.png", noisy(16, 16))
+    result = cli("denoise", "a.png", "--device", "cuda")
+    assert result.exit_code == 2 and "no CUDA device" in result.output
+    assert not (tmp_path / "a_denoised.png").exists()
+    assert "auto -> cpu" in cli("denoise", "a.png", "--sigma", "5").output
+
+
+def test_add_noise_and_reference(cli, tmp_path):
+    save(tmp_path / "clean.png", noisy(24, 24))
+    result = cli("denoise", "clean.png", "--add-noise", "25", "--seed", "3", "--reference", "clean.png", "-o", "out.png")
+    assert result.exit_code == 0, result.output
+    assert "PSNR" in result.output and "SSIM" in result.output
+    first = (tmp_path / "out.png").read_bytes()
+    cli("denoise", "clean.png", "--add-noise", "25", "--seed", "3", "-o", "out.png", "--overwrite")
+    assert (tmp_path / "out.png").read_bytes() == first  # the seed makes it reproducible
+
+
+def test_forced_gray_model_on_colour_image(cli, tmp_path):
+    save(tmp_path / "c.png", noisy(20, 22))
+    result = cli("denoise", "c.png", "--model", "gray", "--sigma", "10")
+    assert result.exit_code == 0, result.output
+    assert Image.open(tmp_path / "c_denoised.png").mode == "RGB"

@@ -1,0 +1,97 @@
+"""`circatt eval`: fixed noise per image, scores, tables and files (tiny model, synthetic images)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from circatt_cli.app import app
+
+
+def invoke(args: list[str]) -> tuple[int, str]:
+    """Run the CLI; the output with rich's box drawing and line wrapping flattened to single spaces."""
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+    return result.exit_code, " ".join(result.output.replace("│", " ").split())
+from circatt_cli.evaluate import add_noise, available_peers, run_eval
+from circatt_cli.model import GroupCDL, GroupCDLConfig
+from circatt_cli.weights import save_model
+
+
+@pytest.fixture
+def folder(tmp_path):
+    path = tmp_path / "clean"
+    path.mkdir()
+    yy, xx = np.mgrid[0:20, 0:24]
+    for i in range(2):
+        Image.fromarray((120 + 90 * np.sin(xx / (3 + i)) * np.cos(yy / 5)).astype(np.uint8)).save(path / f"{i}.png")
+    return path
+
+
+@pytest.fixture
+def weights(tmp_path):
+    torch.manual_seed(0)
+    model = GroupCDL(GroupCDLConfig(channels=1, iterations=3, filters=8, attn_channels=4, window=5))
+    path = tmp_path / "tiny.safetensors"
+    save_model(model, path)
+    return path
+
+
+def test_noise_is_fixed_per_image_and_sigma():
+    clean = torch.zeros(1, 1, 8, 8)
+    a, b = add_noise(clean, "x.png", 25), add_noise(clean, "x.png", 25)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, add_noise(clean, "y.png", 25))
+    assert not torch.equal(a, add_noise(clean, "x.png", 15))
+    assert a.std().item() == pytest.approx(25 / 255, rel=0.3)
+    assert a.min() < 0
+
+
+def test_run_eval_scores(folder, weights):
+    from circatt_cli.weights import load_model
+
+    results = run_eval(load_model(weights), [folder], [25.0], estimate=True)
+    pairs = [(r.image, r.method) for r in results]
+    assert pairs == [(f"{i}.png", m) for i in range(2) for m in ("groupcdl", "groupcdl-est")]
+    assert all(np.isfinite(r.psnr) and 0 < r.ssim <= 1 for r in results)
+    assert results[1].sigma_used != 25.0
+
+
+def test_eval_command_writes_files(folder, weights, tmp_path):
+    out_json, out_csv = tmp_path / "r.json", tmp_path / "r.csv"
+    args = ["eval", "--model", str(weights), "--data", str(folder), "--sigma", "15,50"]
+    code, out = invoke(args + ["--json", str(out_json), "--csv", str(out_csv), "--device", "cpu"])
+    assert code == 0, out
+    assert "groupcdl PSNR / SSIM" in out
+    data = json.loads(out_json.read_text())
+    assert len(data["images"]) == 4 and {m["sigma"] for m in data["means"]} == {15.0, 50.0}
+    assert len(list(csv.DictReader(out_csv.open()))) == 4
+
+
+def test_eval_errors(folder, tmp_path):
+    code, out = invoke(["eval", "--data", str(tmp_path / "nope")])
+    assert code == 2 and "not a folder" in out
+    code, out = invoke(["eval", "--model", str(tmp_path / "none.safetensors"), "--data", str(folder)])
+    assert code == 2 and "no weights file" in out and "Traceback" not in out
+    code, out = invoke(["eval", "--data", str(folder), "--peers", "foo"])
+    assert code == 2 and "unknown peer" in out
+
+
+def test_missing_peer_gives_a_note(monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def fake(name, *args, **kw):
+        if name in ("cv2", "bm3d"):
+            raise ImportError(name)
+        return real(name, *args, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", fake)
+    found, notes = available_peers(["nlm", "bm3d"])
+    assert found == {} and len(notes) == 2 and "pip install" in notes[0]

@@ -1,0 +1,85 @@
+"""`circatt inspect-attention` writes readable PNGs, exports the adjacency, and prints the summary."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+import circatt_ops as ca
+from circatt_cli import attention_plots as plots
+from circatt_cli.app import app
+from test_denoise_cli import noisy, save_tiny_models
+
+PNGS = ("adjacency_pattern.png", "attention_pixels.png", "effective_neighbours.png")
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    return save_tiny_models(tmp_path_factory.mktemp("weights"))
+
+
+@pytest.fixture
+def cli(weights, monkeypatch, tmp_path):
+    monkeypatch.setenv("CIRCATT_WEIGHTS", str(weights))
+    monkeypatch.chdir(tmp_path)
+    return lambda *args: CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_writes_valid_pngs_export_and_summary(cli, tmp_path):
+    Image.fromarray(noisy(41, 50)).save(tmp_path / "img.png")
+    result = cli("inspect-attention", "img.png", "--out", "pics", "--layer", "5", "--export", "adj.pt", "--bccb", "--sigma", "20")
+    assert result.exit_code == 0, result.output
+    for name in (*PNGS, "bccb_kernel.png"):
+        with Image.open(tmp_path / "pics" / name) as png:
+            png.verify()
+            assert png.format == "PNG" and png.size[0] > 100
+    saved = torch.load(tmp_path / "adj.pt", weights_only=False)
+    h, w = saved["latent_size"]
+    assert (h, w) == (21, 25) and saved["window"] == 5 and saved["layer"] == 5
+    assert saved["values"].shape == (1, 1, h, w, 5, 5)
+    csr = saved["csr"]
+    assert csr.layout == torch.sparse_csr and csr.shape == (1, 1, h * w, h * w)
+    assert torch.allclose(csr.to_dense().sum(-1), torch.ones(1, 1, h * w), atol=1e-5)  # rows are stochastic
+    for text in ("layer", "window", "sparsity", "stored entries", "half resolution", "\u28ff"):
+        assert text in result.output or text.replace("\u28ff", "") in result.output
+    assert any(0x2800 <= ord(ch) <= 0x28FF for ch in result.output)  # the braille spy plot
+
+
+def test_chosen_pixels_and_tiny_image(cli, tmp_path):
+    Image.fromarray(noisy(8, 8, 1)).save(tmp_path / "tiny.png")
+    result = cli("inspect-attention", "tiny.png", "--out", "o", "--pixel", "3,4", "--pixel", "7,7")
+    assert result.exit_code == 0, result.output
+    assert "(3, 4) -> latent (1, 2)" in result.output
+    for name in PNGS:
+        assert (tmp_path / "o" / name).stat().st_size > 0
+
+
+def test_bad_pixel_layer_and_file(cli, tmp_path):
+    Image.fromarray(noisy(16, 16)).save(tmp_path / "a.png")
+    assert cli("inspect-attention", "a.png", "--out", "o", "--pixel", "99,1").exit_code == 2
+    assert cli("inspect-attention", "a.png", "--out", "o", "--pixel", "x").exit_code == 2
+    assert cli("inspect-attention", "a.png", "--out", "o", "--layer", "99").exit_code == 2
+    result = cli("inspect-attention", "missing.png", "--out", "o")
+    assert result.exit_code == 1 and "no such file" in result.output and "Traceback" not in result.output
+
+
+def test_occupancy_shows_band_and_wrap_corners():
+    G = ca.Circulant(torch.rand(1, 1, 30, 40, 9), window=3)
+    picture = plots.occupancy(G, dots=60)
+    assert picture.diagonal().all()  # the band
+    assert picture[0, -1] and picture[-1, 0]  # the wrap-around corners
+    assert not picture[0, 30] and picture.mean() < 0.2
+
+
+def test_maps_match_the_dense_matrix():
+    G = ca.Circulant(torch.rand(1, 1, 6, 7, 9).softmax(-1), window=3)
+    dense = G.to_dense()[0, 0]
+    assert np.allclose(plots.attention_map(G, 0, 6).ravel(), dense[6].numpy())
+    block = plots.zoom_block(G, size=10)
+    assert np.allclose(block, dense[:10, :10].numpy())
+    p = dense.double()
+    entropy = -(p * torch.log(p.clamp_min(1e-300))).sum(-1)
+    assert np.allclose(plots.effective_neighbours(G).ravel(), torch.exp(entropy).numpy(), rtol=1e-4)

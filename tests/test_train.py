@@ -1,0 +1,109 @@
+"""`circatt train`: the loop, exact resume, DDP over gloo, backtracking and user errors (tiny, CPU)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from circatt_cli.app import app
+
+
+def invoke(args: list[str]) -> tuple[int, str]:
+    """Run the CLI; the output with rich's box drawing and line wrapping flattened to single spaces."""
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+    return result.exit_code, " ".join(result.output.replace("│", " ").split())
+from circatt_cli.data import CropSampler, augment, load_images
+from circatt_cli.model import GroupCDLConfig
+from circatt_cli.train import Dist, StopSignal, Trainer, TrainOptions, learning_rate, run
+
+TINY = GroupCDLConfig(channels=1, iterations=3, filters=8, attn_channels=4, window=5)
+
+
+@pytest.fixture
+def images(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    yy, xx = np.mgrid[0:40, 0:48]
+    for i in range(3):
+        rgb = np.stack([127 + 100 * np.sin(xx / (4 + i + c) + yy / 9) for c in range(3)], axis=-1)
+        Image.fromarray(rgb.clip(0, 255).astype(np.uint8)).save(folder / f"im{i}.png")
+    return folder
+
+
+def options(images, out, **kw) -> TrainOptions:
+    base = dict(data=images, out=out, config=TINY, steps=6, batch=2, crop=16, progress=False, epoch_steps=3)
+    return TrainOptions(**{**base, **kw})
+
+
+def test_sampler_and_augment(images):
+    imgs = load_images(images, 1)
+    assert len(imgs) == 3 and imgs[0].shape == (1, 40, 48) and imgs[0].dtype == torch.uint8
+    noisy, clean, sigma = CropSampler(imgs, 16, (0.0, 0.2), seed=0).batch(5)
+    assert noisy.shape == clean.shape == (5, 1, 16, 16) and sigma.shape == (5,)
+    assert 0 <= clean.min() and clean.max() <= 1 and (sigma <= 0.2).all()
+    x = torch.arange(16.0).reshape(1, 4, 4)
+    assert len({tuple(augment(x, c).flatten().tolist()) for c in range(8)}) == 8
+
+
+def test_schedule():
+    opts = TrainOptions(data=None, out=None, steps=100, lr=1e-3, lr_min=1e-5, hold=0.5)
+    assert learning_rate(0, opts) == learning_rate(49, opts) == 1e-3
+    assert learning_rate(100, opts) == pytest.approx(1e-5)
+    assert 1e-5 < learning_rate(75, opts) < 1e-3
+
+
+def test_resume_is_bit_identical(images, tmp_path):
+    straight = run(options(images, tmp_path / "a"))
+    run(options(images, tmp_path / "b", stop_at=3))
+    resumed = run(options(images, tmp_path / "b", resume=True))
+    assert straight["step"] == resumed["step"] == 6 and resumed["steps_this_run"] == 3
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=False)
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=False)
+    for name, t in a["model"].items():
+        assert torch.equal(t, b["model"][name]), name
+    assert torch.equal(a["samplers"][0]["generator"], b["samplers"][0]["generator"])
+    events = [json.loads(line)["event"] for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert events.count("start") == 2 and events[-1] == "end"
+
+
+def test_ddp_world_size_one_over_gloo(images, tmp_path, monkeypatch):
+    for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT="29517", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1").items():
+        monkeypatch.setenv(key, value)
+    summary = run(options(images, tmp_path / "ddp", steps=2, device="cpu"))
+    assert summary["world"] == 1 and summary["step"] == 2
+    assert (tmp_path / "ddp" / "last.pt").exists()
+    assert not torch.distributed.is_initialized()
+
+
+def test_backtrack_on_nan(images, tmp_path):
+    trainer = Trainer(options(images, tmp_path), Dist(), console=None)
+    trainer.step()
+    with torch.no_grad():
+        trainer.model.dictionary.fill_(math.nan)
+    loss, _ = trainer.step()
+    assert not math.isfinite(loss) and trainer.count.step == 1
+    trainer.backtrack()
+    assert trainer.count.step == 0 and trainer.count.lr_scale == pytest.approx(0.9)
+    assert torch.isfinite(trainer.model.dictionary).all()
+
+
+def test_sigterm_sets_the_stop_flag():
+    with StopSignal() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.raised
+    assert signal.getsignal(signal.SIGTERM) is not stop._handle
+
+
+def test_user_errors_are_one_line(tmp_path):
+    code, out = invoke(["train", str(tmp_path / "missing"), "--out", str(tmp_path / "r")])
+    assert code == 2 and "does not exist" in out and "Traceback" not in out
+    code, out = invoke(["train", str(tmp_path), "--out", str(tmp_path / "r"), "--preset", "sepia"])
+    assert code == 2 and "not a preset" in out
