@@ -4,7 +4,9 @@
 # Run from the repository root on the GPU machine, with data_cache/CBSD432.npz carried (make it with
 # `python scripts/pack_data.py`) and runs/PRESET/last.pt carried when continuing. Uses every visible GPU
 # (torchrun + DDP over NCCL when there are several), stops cleanly after MAX_MINUTES (default 7) with a
-# checkpoint, copies the checkpoint and the log to $OUT, and prints the measured throughput.
+# checkpoint, copies the checkpoint and the log to $OUT, and prints the measured throughput. A fresh
+# checkout continues from the committed checkpoints/groupcdl-PRESET-last.pt; copy $OUT/last.pt back
+# there (and its log to checkpoints/groupcdl-PRESET-log.jsonl) to keep a chunk's progress.
 # STEPS is the total of the whole run (the learning-rate schedule spans it), not of this chunk.
 # Environment: MAX_MINUTES, DATA (default data_cache/CBSD432.npz), BATCH (per GPU, default 12), EXTRA (more flags).
 set -euo pipefail
@@ -35,6 +37,10 @@ printf 'from circatt_cli.app import main\nmain()\n' > "$LAUNCHER"
 
 ARGS=(train "$DATA" --preset "$PRESET" --out "$RUN" --steps "$STEPS" --batch "$BATCH"
       --max-minutes "$MAX_MINUTES" --checkpoint-minutes 2 --log-every 50)
+if [ ! -f "$RUN/last.pt" ] && [ -f "checkpoints/groupcdl-$PRESET-last.pt" ]; then
+    cp "checkpoints/groupcdl-$PRESET-last.pt" "$RUN/last.pt"
+    cp "checkpoints/groupcdl-$PRESET-log.jsonl" "$RUN/log.jsonl" 2>/dev/null || true
+fi
 if [ -f "$RUN/last.pt" ]; then
     ARGS+=(--resume)
     echo "resuming from $RUN/last.pt"

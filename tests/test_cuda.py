@@ -14,6 +14,17 @@ from conftest import poison_allocator
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
+
+@pytest.fixture(scope="module", autouse=True)
+def poisoned_outputs():
+    """Make every kernel output start as NaN, so that an entry a kernel fails to write fails the test."""
+    from circatt_ops import _extension
+
+    kernels = _extension.load("cuda")
+    kernels._set_poison_outputs(True)
+    yield
+    kernels._set_poison_outputs(False)
+
 # (B, C, H, W, window, heads)
 SHAPES = [(2, 8, 20, 28, 5, 1), (1, 16, 33, 17, 15, 4), (2, 64, 64, 64, 35, 1), (1, 6, 9, 11, 1, 2)]
 TOL = {

@@ -6,26 +6,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
 import circatt_ops as ca
 from circatt_cli import attention_plots as plots
-from circatt_cli.app import app
-from test_denoise_cli import noisy, save_tiny_models
+from synthetic import noisy
 
 PNGS = ("adjacency_pattern.png", "attention_pixels.png", "effective_neighbours.png")
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    return save_tiny_models(tmp_path_factory.mktemp("weights"))
-
-
-@pytest.fixture
-def cli(weights, monkeypatch, tmp_path):
-    monkeypatch.setenv("CIRCATT_WEIGHTS", str(weights))
-    monkeypatch.chdir(tmp_path)
-    return lambda *args: CliRunner().invoke(app, [str(a) for a in args])
 
 
 def test_writes_valid_pngs_export_and_summary(cli, tmp_path):

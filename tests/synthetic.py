@@ -1,0 +1,39 @@
+"""Synthetic test images and tiny GroupCDL weights: the tests never touch real image data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from circatt_cli.model import GroupCDL, GroupCDLConfig
+from circatt_cli.weights import save_model
+
+TINY = {"iterations": 5, "filters": 8, "attn_channels": 4, "window": 5}
+
+
+def save_tiny_models(folder: Path) -> Path:
+    """Tiny gray and color models under the shipped names in `folder` (for CIRCATT_WEIGHTS)."""
+    generator = torch.Generator().manual_seed(0)
+    for name, channels in (("gray", 1), ("color", 3)):
+        model = GroupCDL(GroupCDLConfig(channels=channels, **TINY), init=False)
+        model.reset_parameters(power_iterations=10, generator=generator)
+        save_model(model, folder / f"groupcdl-{name}.safetensors")
+    return folder
+
+
+def noisy(h: int, w: int, channels: int = 3, seed: int = 0) -> np.ndarray:
+    """A smooth pattern plus noise, uint8 (h, w, channels) or (h, w) for one channel."""
+    yy, xx = np.mgrid[:h, :w] / max(h, w)
+    base = np.stack([0.5 + 0.3 * np.sin(6 * xx + k) * np.cos(4 * yy) for k in range(channels)], -1)
+    data = base + np.random.default_rng(seed).normal(0, 0.08, base.shape)
+    out = np.clip(np.rint(data * 255), 0, 255).astype(np.uint8)
+    return out[..., 0] if channels == 1 else out
+
+
+def save(path: Path, array: np.ndarray, **kwargs) -> Path:
+    """Write a uint8/uint16 array as an image file."""
+    Image.fromarray(array).save(path, **kwargs)
+    return path
