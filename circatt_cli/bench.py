@@ -27,7 +27,7 @@ from circatt_ops import backends
 from . import __version__
 from .bench_report import print_report, write_csv, write_json, write_plot
 from .devices import resolve_device
-from .peers import INPUT_ROLES, OPS, OUTPUT_ROLE, Case, CirculantPeer, Peer, Unavailable, all_peers
+from .peers import INPUT_ROLES, OPS, OUTPUT_ROLE, STEP_APPLIES, Case, CirculantPeer, Peer, Unavailable, all_peers
 from .timing import MIN_RUNS, Ceilings, Timing, input_sets_needed, measure, measure_ceilings, synchronize
 
 SHAPES = ("S1", "S2", "train", "sweep")
@@ -56,6 +56,7 @@ def op_cost(op: str, case: Case, itemsize: int, backward: bool) -> tuple[int, in
     adjacency   similarity + softmax FLOPs, bytes of one fused kernel: fwd (2I + R)s, bwd (4I + 2R)s
     apply       fwd 2*B*N*K*C,   bytes (R + 2I)s;     bwd 4*B*N*K*C,                bytes (2R + 3I)s
     attention   fwd sim + 5R + 2*B*N*K*C, bytes 4Is;  bwd sim + 5R + 8*B*N*K*C,     bytes 8Is
+    step        adjacency + 5 applies (GroupCDL's work per adjacency refresh), forward and backward alike
     A peer that does more work (dense SDPA does N^2) is still credited with these counts only.
     """
     R = case.batch * case.heads * case.pixels * case.slots
@@ -71,6 +72,10 @@ def op_cost(op: str, case: Case, itemsize: int, backward: bool) -> tuple[int, in
         "apply": ((matvec, R + 2 * I), (2 * matvec, 2 * R + 3 * I)),
         "attention": ((sim + 5 * R + matvec, 4 * I), (sim + 5 * R + 4 * matvec + distance_extra, 8 * I)),
     }
+    table["step"] = tuple(
+        (adj_flops + STEP_APPLIES * app_flops, adj_elems + STEP_APPLIES * app_elems)
+        for (adj_flops, adj_elems), (app_flops, app_elems) in zip(table["adjacency"], table["apply"])
+    )
     (f_flops, f_elems), (b_flops, b_elems) = table[op]
     if backward:
         return f_flops + b_flops, (f_elems + b_elems) * itemsize
@@ -211,7 +216,7 @@ def make_inputs(op: str, case: Case, device: torch.device, dtype: torch.dtype, s
         inputs = (circatt_ops.similarity(q, k, case.window, case.kind, case.heads).flat_values,)
     elif op == "apply":
         inputs = (circatt_ops.adjacency(q, k, case.window, case.kind, case.heads).flat_values, v)
-    elif op == "attention":
+    elif op in ("attention", "step"):
         inputs = (q, k, v)
     else:
         inputs = (q, k)

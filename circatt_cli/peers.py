@@ -30,15 +30,24 @@ from circatt_ops.circulant import Circulant, key_indices
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state", category=UserWarning)
 
-OPS = ("similarity", "softmax", "adjacency", "apply", "attention")
+OPS = ("similarity", "softmax", "adjacency", "apply", "attention", "step")
+STEP_APPLIES = 5  # GroupCDL applies each adjacency in five iterations before refreshing it
 INPUT_ROLES = {
     "similarity": ("image", "image"),
     "softmax": ("weights",),
     "adjacency": ("image", "image"),
     "apply": ("weights", "image"),
     "attention": ("image", "image", "image"),
+    "step": ("image", "image", "image"),
 }
-OUTPUT_ROLE = {"similarity": "weights", "softmax": "weights", "adjacency": "weights", "apply": "image", "attention": "image"}
+OUTPUT_ROLE = {
+    "similarity": "weights",
+    "softmax": "weights",
+    "adjacency": "weights",
+    "apply": "image",
+    "attention": "image",
+    "step": "image",
+}
 
 
 @dataclass(frozen=True)
@@ -102,6 +111,14 @@ def circulant_apply(a: Tensor, x: Tensor, *, case: Case, backend: str) -> Tensor
 def circulant_attention(q: Tensor, k: Tensor, v: Tensor, *, case: Case, backend: str) -> Tensor:
     """Fused softmax(S / sqrt(d)) v; the weights are never stored."""
     return ca.attention(q, k, v, case.window, case.kind, case.heads, backend=backend)
+
+
+def circulant_step(q: Tensor, k: Tensor, x: Tensor, *, case: Case, backend: str) -> Tensor:
+    """GroupCDL's work per adjacency refresh: one adjacency, then five applies of it (chained here)."""
+    A = ca.adjacency(q, k, case.window, case.kind, case.heads, backend=backend)
+    for _ in range(STEP_APPLIES):
+        x = A.apply(x, backend=backend)
+    return x
 
 
 def csr_apply(values: Tensor, x: Tensor, *, crow: Tensor, col: Tensor) -> Tensor:
@@ -264,6 +281,7 @@ class CirculantPeer(Peer):
         "adjacency": circulant_adjacency,
         "apply": circulant_apply,
         "attention": circulant_attention,
+        "step": circulant_step,
     }
 
     def __init__(self, backend: str) -> None:

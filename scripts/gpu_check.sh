@@ -1,12 +1,20 @@
 #!/usr/bin/env bash
-# Build the circatt CUDA kernels for the present GPU, check them against float64 references and
-# time them (see scripts/gpu_check.py). The full log goes to $OUT/gpu_check.log when OUT is set
-# (the device tool's output folder), else to /tmp/circatt_gpu_check/gpu_check.log.
-# CIRCATT_CHECK_SRC overrides the kernel folder (to check another version of the kernels).
+# On a GPU machine: build the CUDA kernels for the present GPU, run the CUDA tests (fresh random inputs,
+# outputs poisoned with NaN, gradcheck), then time the issue shapes against the peers with circatt bench.
+# Logs and the bench's JSON/CSV go to $OUT (the device tool's folder) or /tmp/circatt_gpu_check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+out="${OUT:-/tmp/circatt_gpu_check}"
+mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-log_dir="${OUT:-/tmp/circatt_gpu_check}"
-mkdir -p "$log_dir"
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu --format=csv,noheader || true
-python3 scripts/gpu_check.py "$@" 2>&1 | tee "$log_dir/${CIRCATT_CHECK_LOG:-gpu_check.log}"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader || true
+
+# The GPU image already has every dependency: install circatt itself only.
+python3 -m pip install --quiet --no-deps --no-build-isolation -e .
+start=$(date +%s)
+python3 -c "import torch, circatt_ops as ca; x = torch.randn(1, 2, 8, 8, device='cuda'); ca.adjacency(x, x, 3)"
+echo "CUDA kernels built/loaded in $(( $(date +%s) - start )) s"
+
+python3 -m pytest -q tests/test_cuda.py tests/test_bccb.py 2>&1 | tee "$out/cuda_tests.log"
+circatt bench --device cuda --shapes "${SHAPES:-train,S1,S2}" --ops "${OPS:-similarity,adjacency,apply,attention,step}" \
+    --json "$out/bench.json" --csv "$out/bench.csv" 2>&1 | tee "$out/bench.log"
