@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from circatt_cli.tiling import axis_windows, run_tiled
+from circatt_cli.tiling import MIN_TILE, axis_windows, run_tiled, run_with_retry
 
 from synthetic import noisy, save
 
@@ -66,6 +66,30 @@ def test_tiler_is_exact_for_a_local_operator():
     windows = axis_windows(101, 48, 12, 10)
     assert windows[0].start == 0 and windows[-1].stop == 101
     assert all(w.lo == 0 or w.lo % 2 == 1 for w in windows)  # odd side: tiles start on the model's stride phase
+
+
+def test_out_of_memory_retries_with_smaller_tiles():
+    """A denoiser that runs out of memory on inputs over 90 px a side: the tiler halves the tile until it
+    fits, and the result still matches the untiled operator."""
+    conv = torch.nn.Conv2d(1, 1, 5, padding=2, bias=False)
+    x = torch.rand(1, 1, 150, 170)
+
+    def limited(tile: torch.Tensor) -> torch.Tensor:
+        if max(tile.shape[-2:]) > 90:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return conv(tile)
+
+    def never_fits(tile: torch.Tensor) -> torch.Tensor:
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    retries = []
+    with torch.no_grad():
+        out, used = run_with_retry(limited, x, 256, 6, on_retry=retries.append)
+        assert used == retries[-1] and used + 2 * 6 <= 90 and len(retries) >= 2
+        assert torch.allclose(out, conv(x), atol=1e-6)
+    with pytest.raises(torch.OutOfMemoryError):  # down to the smallest tile, then the error is the user's
+        run_with_retry(never_fits, x, 256, 6)
+    assert used >= MIN_TILE
 
 
 def test_bad_inputs_one_line_each_and_nonzero_exit(cli, tmp_path):
