@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 
 import numpy as np
@@ -18,7 +19,8 @@ def invoke(args: list[str]) -> tuple[int, str]:
     """Run the CLI; the output with rich's box drawing and line wrapping flattened to single spaces."""
     result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
     return result.exit_code, " ".join(result.output.replace("│", " ").split())
-from circatt_cli.evaluate import add_noise, available_peers, run_eval
+from circatt_cli.evaluate import add_noise, available_peers, load_image, run_eval
+from circatt_cli.metrics import psnr
 from circatt_cli.model import GroupCDL, GroupCDLConfig
 from circatt_cli.weights import save_model
 
@@ -95,3 +97,22 @@ def test_missing_peer_gives_a_note(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fake)
     found, notes = available_peers(["nlm", "bm3d"])
     assert found == {} and len(notes) == 2 and "pip install" in notes[0]
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("cv2") is None or importlib.util.find_spec("bm3d") is None,
+    reason="the optional peers (pip install circatt[peers]) are not installed",
+)
+def test_classical_peers_denoise_the_same_noisy_images(folder, weights):
+    from circatt_cli.weights import load_model
+
+    peers, notes = available_peers(["nlm", "bm3d"])
+    assert set(peers) == {"nlm", "bm3d"} and not notes
+    results = run_eval(load_model(weights), [folder], [25.0], peers=peers)
+    noisy_psnr = {
+        r.image: float(psnr(add_noise(load_image(folder / r.image, 1), r.image, 25.0).clamp(0, 1), load_image(folder / r.image, 1)))
+        for r in results
+    }
+    for method in ("nlm", "bm3d"):
+        rows = [r for r in results if r.method == method]
+        assert len(rows) == 2 and all(r.psnr > noisy_psnr[r.image] + 3 for r in rows), rows
