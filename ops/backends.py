@@ -26,7 +26,7 @@ def _compiled(device: str, explicit: bool) -> ModuleType:
             module = _extension.load(device)
             module.name = device
             return module
-        except (_extension.BuildUnavailable, RuntimeError, OSError) as err:
+        except Exception as err:  # no toolchain, a failed compile, a broken cached build: never the user's fault
             _failures[device] = (str(err).strip().splitlines() or [type(err).__name__])[0]
             if not explicit:
                 warnings.warn(

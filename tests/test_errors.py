@@ -58,15 +58,23 @@ def test_cpu_backend_on_wrong_device_names_the_fix(monkeypatch):
         ca.similarity(meta, meta, 3, backend="cpu")
 
 
-def test_no_compiler_falls_back_to_reference_with_one_warning(monkeypatch):
+@pytest.mark.parametrize(
+    "failure, words",
+    [
+        ("toolchain", "no C\\+\\+ compiler"),
+        (RuntimeError("Error building extension 'circatt_cpu_0123'"), "Error building extension"),
+        (ImportError("circatt_cpu_0123.so: undefined symbol: attention_backward"), "undefined symbol"),
+    ],
+)
+def test_unbuildable_kernels_fall_back_to_reference_with_one_warning(monkeypatch, failure, words):
     from circatt_ops import _extension, backends
 
-    def no_toolchain(device):
-        raise _extension.BuildUnavailable("no C++ compiler found ('c++' is not on PATH)")
+    def broken(device):
+        raise _extension.BuildUnavailable("no C++ compiler found ('c++' is not on PATH)") if failure == "toolchain" else failure
 
-    monkeypatch.setattr(_extension, "load", no_toolchain)
+    monkeypatch.setattr(_extension, "load", broken)
     monkeypatch.setattr(backends, "_failures", {})
-    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler.*reference") as caught:
+    with pytest.warns(RuntimeWarning, match=words + ".*reference") as caught:
         A = ca.adjacency(q, q, 3)
         ca.adjacency(q, q, 3)
     assert len(caught) == 1
