@@ -125,3 +125,75 @@ def test_results_do_not_depend_on_the_thread_count(ext):
 def test_bad_arguments_raise(ext, call, message):
     with pytest.raises(RuntimeError, match=message):
         call(ext)
+
+
+ATTENTION_CASES = [  # (H, W, window, heads, Ch, Cv)
+    (7, 10, 1, 1, 3, 5),
+    (9, 20, 3, 2, 5, 3),
+    (11, 9, 7, 1, 37, 18),
+    (8, 13, 7, 2, 16, 33),
+]
+
+
+def composed():
+    """The composed forward and backward on the plain-PyTorch reference backend."""
+    from circatt_ops import autograd, reference
+
+    return (lambda *a: autograd._attention_forward_composed(reference, *a),
+            lambda *a: autograd._attention_backward_composed(reference, *a))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("H", "W", "window", "heads", "Ch", "Cv"), ATTENTION_CASES)
+@pytest.mark.parametrize("distance", [False, True])
+def test_fused_attention_matches_composed(ext, dtype, H, W, window, heads, Ch, Cv, distance):
+    forward, backward = composed()
+    q, k = (torch.randn(2, heads, Ch, H, W, dtype=dtype) for _ in range(2))
+    v, dy = (torch.randn(2, heads, Cv, H, W, dtype=dtype) for _ in range(2))
+    scale = 0.7 / Ch ** 0.5
+    y, lse = ext.attention_forward(q, k, v, window, distance, scale)
+    y_ref, lse_ref = forward(q, k, v, window, distance, scale)
+    assert y.shape == v.shape and lse.shape == (2, heads, H, W) and lse.dtype == dtype
+    assert_close(y, y_ref)
+    assert_close(lse, lse_ref)
+    grads = ext.attention_backward(q, k, v, y_ref, lse_ref, dy, window, distance, scale)
+    for got, expected in zip(grads, backward(q, k, v, y_ref, lse_ref, dy, window, distance, scale)):
+        assert got.shape == expected.shape and got.dtype == dtype
+        assert_close(got, expected)
+
+
+def test_fused_attention_strided_inputs_and_thread_count(ext):
+    q, k, v, dy = (torch.randn(1, 2, 4, 11, 6, dtype=torch.float64).transpose(-1, -2) for _ in range(4))
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            y, lse = ext.attention_forward(q, k, v, 3, True, 0.5)
+            results.append((y, lse, *ext.attention_backward(q, k, v, y, lse.mT.contiguous().mT, dy, 3, True, 0.5)))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    forward, backward = composed()
+    y_ref, lse_ref = forward(q.contiguous(), k.contiguous(), v.contiguous(), 3, True, 0.5)
+    assert_close(results[0][0], y_ref)
+    assert_close(results[0][1], lse_ref)
+    for got, expected in zip(results[0][2:], backward(q, k, v, y_ref, lse_ref, dy, 3, True, 0.5)):
+        assert_close(got, expected)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda e: e.attention_forward(torch.randn(1, 1, 2, 5, 5), torch.randn(1, 1, 2, 5, 5),
+                                       torch.randn(1, 1, 3, 5, 6), 3, False, 1.0), "in all but the channels"),
+        (lambda e: e.attention_forward(torch.randn(1, 1, 2, 5, 5), torch.randn(1, 1, 2, 5, 5),
+                                       torch.randn(1, 1, 3, 5, 5).double(), 3, False, 1.0), "dtypes differ"),
+        (lambda e: e.attention_backward(*(torch.randn(1, 1, 2, 5, 5) for _ in range(4)), torch.randn(1, 1, 5, 4),
+                                        torch.randn(1, 1, 2, 5, 5), 3, False, 1.0), "lse must have shape"),
+    ],
+)
+def test_fused_attention_bad_arguments_raise(ext, call, message):
+    with pytest.raises(RuntimeError, match=message):
+        call(ext)
