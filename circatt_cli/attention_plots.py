@@ -77,27 +77,29 @@ def _local_mean(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def pick_pixels(gray: np.ndarray) -> dict[str, tuple[int, int]]:
-    """Image pixels (y, x) on an edge (strongest smoothed gradient), a texture (most fine detail away
-    from that edge) and a flat area (least local variation), kept off the borders."""
-    x = torch.from_numpy(np.ascontiguousarray(gray, dtype=np.float32))[None, None]
+    """Image pixels (y, x) on an edge (strongest gradient), a texture (most mid-scale detail) and a flat
+    area (least local variation), each away from the others and the borders. Scores are taken on a
+    lightly smoothed image, so that pixel noise does not decide them."""
+    x = _local_mean(torch.from_numpy(np.ascontiguousarray(gray, dtype=np.float32))[None, None], 5)
     H, W = gray.shape
     gy, gx = torch.gradient(x[0, 0])
     edge = _local_mean((gy**2 + gx**2).sqrt()[None, None], 5)[0, 0]
-    detail = _local_mean((x - _local_mean(x, 3)) ** 2, 7)[0, 0]
-    spread = _local_mean(x**2, 9)[0, 0] - _local_mean(x, 9)[0, 0] ** 2
-    border = torch.ones(H, W, dtype=torch.bool)
-    b = min(8, H // 4, W // 4)
-    border[b : H - b, b : W - b] = False
-
-    def best(score: torch.Tensor, exclude: torch.Tensor) -> tuple[int, int]:
-        flat = score.masked_fill(exclude, -float("inf")).argmax().item()
-        return divmod(int(flat), W)
-
-    e = best(edge, border)
+    detail = _local_mean((x - _local_mean(x, 9)) ** 2, 9)[0, 0]
+    spread = _local_mean(x**2, 15)[0, 0] - _local_mean(x, 15)[0, 0] ** 2
     yy, xx = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
-    near_edge = (yy - e[0]).abs().maximum((xx - e[1]).abs()) < max(H, W) // 8
-    t = best(detail - edge, border | near_edge)
-    f = best(-spread, border)
+    b = min(8, H // 4, W // 4)
+    taken = (yy < b) | (yy >= H - b) | (xx < b) | (xx >= W - b)
+
+    def best(score: torch.Tensor) -> tuple[int, int]:
+        """The best-scoring free pixel; the square around it is then taken."""
+        nonlocal taken
+        y, x_ = divmod(int(score.masked_fill(taken, -float("inf")).argmax()), W)
+        taken = taken | ((yy - y).abs().maximum((xx - x_).abs()) < max(H, W) // 8)
+        return y, x_
+
+    e = best(edge)
+    t = best(detail)
+    f = best(-spread)
     return {"edge": e, "texture": t, "flat": f}
 
 
