@@ -37,3 +37,14 @@ def save(path: Path, array: np.ndarray, **kwargs) -> Path:
     """Write a uint8/uint16 array as an image file."""
     Image.fromarray(array).save(path, **kwargs)
     return path
+
+
+def smooth_images(folder: Path, count: int, height: int, width: int, channels: int, prefix: str = "") -> Path:
+    """`count` clean, smooth sinusoid images (uint8 PNG, `prefix`0.png ...) in a new `folder`."""
+    folder.mkdir()
+    yy, xx = np.mgrid[:height, :width]
+    for i in range(count):
+        planes = [127 + 100 * np.sin(xx / (4 + i + c) + yy / 9) for c in range(channels)]
+        pixels = np.stack(planes, axis=-1).clip(0, 255).astype(np.uint8)
+        Image.fromarray(pixels[..., 0] if channels == 1 else pixels).save(folder / f"{prefix}{i}.png")
+    return folder

@@ -9,7 +9,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from typer.testing import CliRunner
 
 from circatt_cli.app import app
@@ -23,16 +22,12 @@ from circatt_cli.evaluate import add_noise, available_peers, load_image, run_eva
 from circatt_cli.metrics import psnr
 from circatt_cli.model import GroupCDL, GroupCDLConfig
 from circatt_cli.weights import save_model
+from synthetic import smooth_images
 
 
 @pytest.fixture
 def folder(tmp_path):
-    path = tmp_path / "clean"
-    path.mkdir()
-    yy, xx = np.mgrid[0:20, 0:24]
-    for i in range(2):
-        Image.fromarray((120 + 90 * np.sin(xx / (3 + i)) * np.cos(yy / 5)).astype(np.uint8)).save(path / f"{i}.png")
-    return path
+    return smooth_images(tmp_path / "clean", 2, 20, 24, channels=1)
 
 
 @pytest.fixture

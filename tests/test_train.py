@@ -7,10 +7,8 @@ import math
 import os
 import signal
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from typer.testing import CliRunner
 
 from circatt_cli.app import app
@@ -23,19 +21,14 @@ def invoke(args: list[str]) -> tuple[int, str]:
 from circatt_cli.data import CropSampler, augment, load_images
 from circatt_cli.model import GroupCDLConfig
 from circatt_cli.train import Dist, StopSignal, Trainer, TrainOptions, learning_rate, run
+from synthetic import smooth_images
 
 TINY = GroupCDLConfig(channels=1, iterations=3, filters=8, attn_channels=4, window=5)
 
 
 @pytest.fixture
 def images(tmp_path):
-    folder = tmp_path / "images"
-    folder.mkdir()
-    yy, xx = np.mgrid[0:40, 0:48]
-    for i in range(3):
-        rgb = np.stack([127 + 100 * np.sin(xx / (4 + i + c) + yy / 9) for c in range(3)], axis=-1)
-        Image.fromarray(rgb.clip(0, 255).astype(np.uint8)).save(folder / f"im{i}.png")
-    return folder
+    return smooth_images(tmp_path / "images", 3, 40, 48, channels=3, prefix="im")
 
 
 def options(images, out, **kw) -> TrainOptions:
