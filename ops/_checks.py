@@ -49,6 +49,7 @@ def check_window(window: object, height: int, width: int) -> int:
 
 
 def check_kind(kind: object) -> str:
+    """One of the two similarity kinds."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     return kind  # type: ignore[return-value]

@@ -47,7 +47,9 @@ def _column_sums(backend: ModuleType, weights: torch.Tensor, window: int) -> tor
     return backend.apply(weights.contiguous(), ones, window, True)
 
 
-def similarity_backward(backend, dS, q, k, window, distance):
+def similarity_backward(
+    backend: ModuleType, dS: torch.Tensor, q: torch.Tensor, k: torch.Tensor, window: int, distance: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(dq, dk) for dS on the pattern: dq = dS k - rowsum(dS) q, dk = dS^T q - colsum(dS) k."""
     dq = apply_any(backend, dS, k, window, False)
     dk = apply_any(backend, dS, q, window, True)
@@ -102,7 +104,9 @@ def _accumulate(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _attention_forward_composed(backend, q, k, v, window, distance, scale):
+def _attention_forward_composed(
+    backend: ModuleType, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, distance: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward through the primitives: the weights exist only inside this call."""
     logits = backend.similarity(q, k, window, distance).to(_accumulate(q.dtype)).mul_(scale)
     lse = torch.logsumexp(logits, dim=-1)
@@ -110,7 +114,18 @@ def _attention_forward_composed(backend, q, k, v, window, distance, scale):
     return backend.apply(p, v, window, False), lse
 
 
-def _attention_backward_composed(backend, q, k, v, y, lse, dy, window, distance, scale):
+def _attention_backward_composed(
+    backend: ModuleType,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    y: torch.Tensor,
+    lse: torch.Tensor,
+    dy: torch.Tensor,
+    window: int,
+    distance: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """FlashAttention's backward through the primitives: recompute P, dS = P (dP - D)."""
     acc = _accumulate(q.dtype)
     logits = backend.similarity(q, k, window, distance).to(acc).mul_(scale)
