@@ -16,6 +16,8 @@ from matplotlib.patches import Rectangle
 
 import circatt_ops as ca
 
+from .data import LUMA
+
 OVERVIEW_DOTS = 512
 ZOOM_ROWS = 256
 
@@ -69,7 +71,7 @@ def luma(pixels: np.ndarray) -> np.ndarray:
     """(H, W, C) in [0, 1] -> (H, W) gray for display and for picking pixels."""
     if pixels.shape[2] == 1:
         return pixels[..., 0]
-    return pixels[..., :3] @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    return pixels[..., :3] @ np.array(LUMA, dtype=np.float32)
 
 
 def _local_mean(x: torch.Tensor, size: int) -> torch.Tensor:

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+from .imageio import is_supported
+
 LUMA = (0.299, 0.587, 0.114)
 
 
@@ -33,7 +34,7 @@ def decode(data: bytes | Path, channels: int) -> np.ndarray:
 
 def image_files(folder: Path) -> list[Path]:
     """The image files of a folder, sorted by name."""
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p for p in folder.iterdir() if p.is_file() and is_supported(p))
 
 
 def read_pack(path: Path) -> dict[str, bytes]:
