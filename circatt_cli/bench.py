@@ -581,6 +581,14 @@ def _device_name(device: torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def _progress_line(row: Row) -> str:
+    """One row as a short line, printed as soon as it is measured (a run cut off still leaves its numbers)."""
+    if row.median_ms is None:
+        return f"{row.impl:>10}  {row.status}: {row.note}"
+    err = "" if row.max_rel_err is None else f"  err {row.max_rel_err:.1e}"
+    return f"{row.impl:>10}  {row.median_ms:10.4f} ms  (min {row.min_ms:.4f}, max {row.max_ms:.4f}, {row.runs} runs){err}  {row.status}"
+
+
 def run_bench(settings: Settings, console: Console) -> tuple[list[Row], Ceilings]:
     """Build the kernels, measure the ceilings, then every group and the model rows."""
     peers = [p for p in all_peers(settings.device) if settings.impls is None or p.name in settings.impls]
@@ -598,7 +606,10 @@ def run_bench(settings: Settings, console: Console) -> tuple[list[Row], Ceilings
     groups = [Group(c, op, m, dt) for c in cases_for(settings) for op in settings.ops for m in settings.modes for dt in settings.dtypes]
     for i, group in enumerate(groups, 1):
         console.print(f"[dim]({i}/{len(groups)}) {group.case.label} {group.case.describe()} {group.op} {group.mode} {dtype_name(group.dtype)}[/]", highlight=False)
-        rows += bench_group(group, peers, settings, ceilings)
+        done = bench_group(group, peers, settings, ceilings)
+        for row in done:
+            console.print(f"[dim]    {_progress_line(row)}[/]", highlight=False)
+        rows += done
         synchronize(settings.device)
     if settings.model:
         rows += bench_model(settings)

@@ -15,6 +15,12 @@ start=$(date +%s)
 python3 -c "import torch, circatt_ops as ca; x = torch.randn(1, 2, 8, 8, device='cuda'); ca.adjacency(x, x, 3)"
 echo "CUDA kernels built/loaded in $(( $(date +%s) - start )) s"
 
-python3 -m pytest -q tests/test_cuda.py tests/test_bccb.py 2>&1 | tee "$out/cuda_tests.log"
-circatt bench --device cuda --shapes "${SHAPES:-train,S1,S2}" --ops "${OPS:-similarity,adjacency,apply,attention,step}" \
-    --json "$out/bench.json" --csv "$out/bench.csv" 2>&1 | tee "$out/bench.log"
+# Each stage is bounded and logged as it runs (tee), and a failing stage does not stop the next one:
+# a cut-off or crashed stage still leaves its lines in $out.
+status=0
+timeout "${TEST_TIMEOUT:-300}" python3 -X faulthandler -m pytest -q -rfE -p no:cacheprovider \
+    tests/test_cuda.py tests/test_bccb.py 2>&1 | tee "$out/cuda_tests.log" || status=1
+timeout "${BENCH_TIMEOUT:-400}" circatt bench --device cuda --shapes "${SHAPES:-train,S1,S2}" \
+    --ops "${OPS:-similarity,adjacency,apply,attention,step}" --dtype "${DTYPES:-float32,bfloat16}" \
+    --repeat "${REPEAT:-20}" --json "$out/bench.json" --csv "$out/bench.csv" 2>&1 | tee "$out/bench.log" || status=1
+exit $status

@@ -8,7 +8,8 @@
 # checkout continues from the committed checkpoints/groupcdl-PRESET-last.pt; copy $OUT/last.pt back
 # there (and its log to checkpoints/groupcdl-PRESET-log.jsonl) to keep a chunk's progress.
 # STEPS is the total of the whole run (the learning-rate schedule spans it), not of this chunk.
-# Environment: MAX_MINUTES, DATA (default data_cache/CBSD432.npz), BATCH (per GPU, default 12), EXTRA (more flags).
+# Environment: MAX_MINUTES, DATA (default data_cache/CBSD432.npz), BATCH (per GPU, default 12), RUN (default
+# runs/PRESET), EXTRA (more flags). CUDA_VISIBLE_DEVICES picks the GPUs (two chunks can share a machine).
 set -euo pipefail
 
 usage="usage: scripts/train_gpu.sh gray|color STEPS"
@@ -17,7 +18,7 @@ STEPS=${2:?$usage}
 MAX_MINUTES=${MAX_MINUTES:-7}
 DATA=${DATA:-data_cache/CBSD432.npz}
 BATCH=${BATCH:-12}
-RUN=runs/$PRESET
+RUN=${RUN:-runs/$PRESET}
 OUT=${OUT:-$RUN/export}
 
 case "$PRESET" in gray|color) ;; *) echo "$usage" >&2; exit 2 ;; esac
