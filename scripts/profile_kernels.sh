@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Nsight Compute profile of the CUDA kernels at one shape (docs/kernels.md, open problems 2-3):
+#     scripts/profile_kernels.sh [train|S1|S2]
+# On the GPU machine (Firecracker runtime: ncu reads the counters there). Profiles one call of each
+# entry point (similarity, apply, apply transposed, fused forward, fused backward) after a warm-up, with
+# the sections that say what bounds a kernel: speed of light, occupancy, launch statistics, memory
+# workload, scheduler and warp-state statistics. The clocks are left alone (--clock-control none).
+# Writes $OUT/profile-SHAPE.ncu-rep and a text summary $OUT/profile-SHAPE.txt. Written for the next
+# session of kernel work; not yet run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+shape=${1:-train}
+out=${OUT:-/tmp/circatt_profile}
+mkdir -p "$out"
+python3 -m pip install --quiet --no-deps --no-build-isolation -e .
+case "$shape" in
+    train) args="12 64 64 64 35 1 distance" ;;
+    S1) args="2 64 128 96 15 1 dot" ;;
+    S2) args="1 64 256 256 35 1 distance" ;;
+    *) echo "usage: scripts/profile_kernels.sh [train|S1|S2]" >&2; exit 2 ;;
+esac
+cat > /tmp/circatt_profile_calls.py <<'PY'
+import sys
+import torch
+import circatt_ops as ca
+
+B, C, H, W, window, heads = map(int, sys.argv[1:7])
+kind = sys.argv[7]
+q, k, v = (torch.randn(B, C, H, W, device="cuda", requires_grad=True) for _ in range(3))
+for i in range(2):  # round0: warm-up (and the build); round1: profiled
+    torch.cuda.nvtx.range_push(f"round{i}")
+    A = ca.adjacency(q, k, window, kind=kind, heads=heads)
+    y = A.apply(v) + A.apply_transposed(v)
+    y = y + ca.attention(q, k, v, window, kind=kind, heads=heads)
+    y.sum().backward()
+    torch.cuda.synchronize()
+    torch.cuda.nvtx.range_pop()
+PY
+ncu --clock-control none --kernel-name-base demangled --kernel-name regex:circatt:: --nvtx --nvtx-include "round1/" \
+    --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
+    --section SchedulerStats --section WarpStateStats \
+    -o "$out/profile-$shape" -f python3 /tmp/circatt_profile_calls.py $args
+ncu --import "$out/profile-$shape.ncu-rep" --print-summary per-kernel > "$out/profile-$shape.txt"
+tail -60 "$out/profile-$shape.txt"
