@@ -598,7 +598,7 @@ def run_bench(settings: Settings, console: Console) -> tuple[list[Row], Ceilings
     except Exception as err:  # a broken build skips our rows (saying why) instead of stopping the bench
         reason = f"our {settings.device.type} kernels are unavailable: {str(err).splitlines()[-1] if str(err) else type(err).__name__}"
         console.print(f"[red]{reason}[/]")
-        peers = [Unavailable(p, reason) if p.name == settings.device.type else p for p in peers]
+        peers = [Unavailable(p, reason) if getattr(p, "backend", None) == settings.device.type else p for p in peers]
     if time.perf_counter() - t0 > 1:
         console.print(f"kernels ready in {time.perf_counter() - t0:.0f} s (built once, cached)")
     ceilings = measure_ceilings(settings.device, settings.dtypes, settings.quick)

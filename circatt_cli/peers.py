@@ -113,6 +113,12 @@ def circulant_attention(q: Tensor, k: Tensor, v: Tensor, *, case: Case, backend:
     return ca.attention(q, k, v, case.window, case.kind, case.heads, backend=backend)
 
 
+def circulant_unfused_attention(q: Tensor, k: Tensor, v: Tensor, *, case: Case, backend: str) -> Tensor:
+    """The same attention composed from our unfused ops: similarity, scaled, softmax, apply (K values per row stored)."""
+    S = ca.similarity(q, k, case.window, case.kind, case.heads, backend=backend)
+    return (S * case.scale).softmax().apply(v, backend=backend)
+
+
 def circulant_step(q: Tensor, k: Tensor, x: Tensor, *, case: Case, backend: str) -> Tensor:
     """GroupCDL's work per adjacency refresh: one adjacency, then five applies of it (chained here)."""
     A = ca.adjacency(q, k, case.window, case.kind, case.heads, backend=backend)
@@ -309,6 +315,21 @@ class CirculantPeer(Peer):
         return hasattr(backends.resolve(self.backend, torch.device(self.backend)), "attention_forward")
 
 
+class UnfusedPeer(CirculantPeer):
+    """Our kernels without the fusion: the attention weights materialised as a Circulant, then applied."""
+
+    def __init__(self, backend: str) -> None:
+        super().__init__(backend)
+        self.name, self.ops = "unfused", ("attention",)
+
+    def run(self, op, case, q, k, v):
+        return circulant_unfused_attention(q, k, v, case=case, backend=self.backend)
+
+    def extra_bytes(self, op, case, itemsize, backward):
+        weights = case.batch * case.heads * case.pixels * case.slots * itemsize
+        return weights * (4 if backward else 2)
+
+
 class CsrPeer(Peer):
     """The Julia package's algorithm: the adjacency as a CSR matrix, applied by cuSPARSE / MKL."""
 
@@ -433,4 +454,4 @@ class Unavailable(Peer):
 def all_peers(device: torch.device) -> list[Peer]:
     """Ours for the device first, then the reference and the peers."""
     ours = CirculantPeer("cuda" if device.type == "cuda" else "cpu")
-    return [ours, CirculantPeer("reference"), CsrPeer(), FlexPeer(), SdpaPeer(), BccbPeer()]
+    return [ours, CirculantPeer("reference"), UnfusedPeer(ours.backend), CsrPeer(), FlexPeer(), SdpaPeer(), BccbPeer()]

@@ -16,7 +16,7 @@ from circatt_cli.peers import Case, CirculantPeer
 from circatt_cli.timing import measure
 from circatt_ops import backends
 
-CPU_PEERS = {"cpu", "reference", "csr", "sdpa"}
+CPU_PEERS = {"cpu", "reference", "unfused", "csr", "sdpa"}
 TINY = ["--quick", "--sizes", "16,24", "--windows", "5", "--repeat", "3", "--warmup", "1"]
 
 
@@ -46,13 +46,14 @@ def test_json_has_every_cpu_peer_checked_and_timed(report):
     for r in op_rows:
         if r["impl"] == "flex":
             assert r["status"] == "skipped" and "cuda" in r["note"]
-        elif r["impl"] == "cpu" and not _cpu_kernels_build():
+        elif r["impl"] in ("cpu", "unfused") and not _cpu_kernels_build():
             assert r["status"] in ("ok", "skipped") and (r["status"] == "ok" or "unavailable" in r["note"])
         elif r["impl"] in CPU_PEERS:
             assert r["status"] == "ok", r
             assert r["max_rel_err"] <= bench.TOLERANCE[torch.float32]
     assert {r["op"] for r in op_rows if r["impl"] == "csr"} == {"apply"}
     assert {r["op"] for r in op_rows if r["impl"] == "sdpa"} == {"attention"}
+    assert {r["op"] for r in op_rows if r["impl"] == "unfused"} == {"attention"}
     assert {(r["mode"], r["pixels"]) for r in op_rows} == {(m, n) for m in bench.MODES for n in (256, 576)}
 
 
