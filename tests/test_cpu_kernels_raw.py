@@ -1,8 +1,9 @@
-"""The raw C++ CPU kernels (ops/csrc/cpu) against a plain roll-based reference written here.
+"""The raw C++ CPU kernels (ops/csrc/cpu) against the plain-PyTorch reference backend (ops/reference.py).
 
 Calls the extension directly, below the dispatch and autograd layers, with shapes that reach every
 path of the kernels: H != W, windows 1 to 9, channel counts that are not whole SIMD vectors or
-register tiles, images wider than one vector of queries, several heads, strided inputs.
+register tiles, images wider than one vector of queries, several heads, strided inputs. The reference
+itself is checked against the independent dense oracle (tests/dense.py) in test_ops.py.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from circatt_ops import _extension
+from circatt_ops import _extension, reference
 
 
 @pytest.fixture(scope="module")
@@ -19,36 +20,6 @@ def ext():
         return _extension.load("cpu")
     except _extension.BuildUnavailable as err:
         pytest.skip(f"CPU kernels cannot be built here: {err}")
-
-
-def offsets(window: int):
-    """(slot, di, dj): slot s = a*window + c looks at pixel (i + di, j + dj)."""
-    r = (window - 1) // 2
-    for a in range(window):
-        for c in range(window):
-            yield a * window + c, a - r, c - r
-
-
-def shifted(x: torch.Tensor, di: int, dj: int) -> torch.Tensor:
-    """The image whose pixel (i, j) holds x[..., (i + di) mod H, (j + dj) mod W]."""
-    return torch.roll(x, shifts=(-di, -dj), dims=(-2, -1))
-
-
-def ref_similarity(q, k, window, distance):
-    B, G, _, H, W = q.shape
-    S = q.new_empty(B, G, H, W, window * window)
-    for s, di, dj in offsets(window):
-        ks = shifted(k, di, dj)
-        S[..., s] = -0.5 * (q - ks).square().sum(2) if distance else (q * ks).sum(2)
-    return S
-
-
-def ref_apply(A, x, window, transposed):
-    y = torch.zeros_like(x)
-    for s, di, dj in offsets(window):
-        w = A[..., s].unsqueeze(2)
-        y += shifted(w * x, -di, -dj) if transposed else w * shifted(x, di, dj)
-    return y
 
 
 def assert_close(actual, expected):
@@ -72,7 +43,7 @@ CASES = [  # (H, W, window, heads, channels)
 def test_similarity_matches_reference(ext, dtype, H, W, window, heads, C):
     q, k = (torch.randn(2, heads, C, H, W, dtype=dtype) for _ in range(2))
     for distance in (False, True):
-        assert_close(ext.similarity(q, k, window, distance), ref_similarity(q, k, window, distance))
+        assert_close(ext.similarity(q, k, window, distance), reference.similarity(q, k, window, distance))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -81,14 +52,14 @@ def test_apply_matches_reference(ext, dtype, H, W, window, heads, C):
     x = torch.randn(2, heads, C, H, W, dtype=dtype)
     A = torch.randn(2, heads, H, W, window * window, dtype=dtype)
     for transposed in (False, True):
-        assert_close(ext.apply(A, x, window, transposed), ref_apply(A, x, window, transposed))
+        assert_close(ext.apply(A, x, window, transposed), reference.apply(A, x, window, transposed))
 
 
 def test_strided_inputs(ext):
     q, k, x = (torch.randn(1, 2, 4, 11, 6).transpose(-1, -2) for _ in range(3))
     A = torch.randn(1, 2, 6, 11, 18)[..., ::2]
-    assert_close(ext.similarity(q, k, 3, False), ref_similarity(q, k, 3, False))
-    assert_close(ext.apply(A, x, 3, True), ref_apply(A, x, 3, True))
+    assert_close(ext.similarity(q, k, 3, False), reference.similarity(q, k, 3, False))
+    assert_close(ext.apply(A, x, 3, True), reference.apply(A, x, 3, True))
 
 
 def test_results_do_not_depend_on_the_thread_count(ext):
@@ -137,7 +108,7 @@ ATTENTION_CASES = [  # (H, W, window, heads, Ch, Cv)
 
 def composed():
     """The composed forward and backward on the plain-PyTorch reference backend."""
-    from circatt_ops import autograd, reference
+    from circatt_ops import autograd
 
     return (lambda *a: autograd._attention_forward_composed(reference, *a),
             lambda *a: autograd._attention_backward_composed(reference, *a))
