@@ -18,6 +18,8 @@ def check_4d(name: str, t: object) -> None:
             f"{name} must be 4-D (B, C, H, W), got shape {tuple(t.shape)}; "
             f"add missing dimensions with {name}[None] or reshape it"
         )
+    if 0 in t.shape[1:]:
+        raise ValueError(f"{name} has an empty dimension, shape {tuple(t.shape)}; C, H and W must be at least 1")
 
 
 def check_dtype(name: str, t: torch.Tensor) -> None:
@@ -79,6 +81,41 @@ def check_pair(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor, *, sa
     if want != got:
         what = "shape" if same_channels else "batch and spatial size"
         raise ValueError(f"{name_b} must match the {what} of {name_a}: {tuple(a.shape)} vs {tuple(b.shape)}")
+
+
+def check_operand(
+    name: str,
+    x: torch.Tensor,
+    of: str,
+    *,
+    batch: int,
+    size: tuple[int, int],
+    heads: int,
+    device: torch.device,
+    precision: torch.dtype | None,
+) -> None:
+    """A (B, C, H, W) tensor that meets `of` (q, a matrix, a kernel): same batch, grid and device, C split
+    into `heads`, and real precision `precision` (complex allowed; None leaves the precision to the caller)."""
+    check_4d(name, x)
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device} but {of} is on {device}; move {name} with {name}.to({str(device)!r})")
+    if (x.shape[0], *x.shape[2:]) != (batch, *size):
+        raise ValueError(
+            f"{name} must match the batch and spatial size of {of} (batch {batch} and grid {size[0]}x{size[1]}), "
+            f"got shape {tuple(x.shape)}"
+        )
+    if precision is not None and x.dtype.to_real() != precision:
+        raise TypeError(
+            f"{name} is {x.dtype} but {of} is {precision}; use the same precision for both "
+            f"({name}.to({precision}) or its complex counterpart)"
+        )
+    check_heads(heads, x.shape[1], name=name)
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, heads, C // heads, H, W): head h holds a contiguous block of channels."""
+    B, C, H, W = x.shape
+    return x.reshape(B, heads, C // heads, H, W)
 
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor, window: int, kind: str, heads: int) -> None:

@@ -48,14 +48,24 @@ def _column_sums(backend: ModuleType, weights: torch.Tensor, window: int) -> tor
 
 
 def similarity_backward(
-    backend: ModuleType, dS: torch.Tensor, q: torch.Tensor, k: torch.Tensor, window: int, distance: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dq, dk) for dS on the pattern: dq = dS k - rowsum(dS) q, dk = dS^T q - colsum(dS) k."""
-    dq = apply_any(backend, dS, k, window, False)
-    dk = apply_any(backend, dS, q, window, True)
-    if distance:
-        dq = dq - dS.sum(-1).unsqueeze(2) * q
-        dk = dk - _column_sums(backend, dS, window) * k
+    backend: ModuleType,
+    dS: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    window: int,
+    distance: bool,
+    need: tuple[bool, bool] = (True, True),
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(dq, dk) for dS on the pattern: dq = dS k - rowsum(dS) q, dk = dS^T q - colsum(dS) k; None where not needed."""
+    dq = dk = None
+    if need[0]:
+        dq = apply_any(backend, dS, k, window, False)
+        if distance:
+            dq = dq - dS.sum(-1).unsqueeze(2) * q
+    if need[1]:
+        dk = apply_any(backend, dS, q, window, True)
+        if distance:
+            dk = dk - _column_sums(backend, dS, window) * k
     return dq, dk
 
 
@@ -73,7 +83,7 @@ class SimilarityFn(torch.autograd.Function):
     def backward(ctx, dS):
         q, k = ctx.saved_tensors
         window, distance, backend = ctx.args
-        dq, dk = similarity_backward(backend, dS.contiguous(), q, k, window, distance)
+        dq, dk = similarity_backward(backend, dS.contiguous(), q, k, window, distance, ctx.needs_input_grad[:2])
         return dq, dk, None, None, None
 
 

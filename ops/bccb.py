@@ -17,7 +17,7 @@ import math
 import torch
 from torch import Tensor
 
-from ._checks import check_4d, check_dtype, check_heads, check_pair
+from ._checks import check_4d, check_dtype, check_heads, check_operand, check_pair, split_heads
 
 __all__ = ["BCCB", "bccb_attention"]
 
@@ -33,17 +33,11 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _HALF_DTYPES else dtype
 
 
-def _split_heads(x: Tensor, heads: int) -> Tensor:
-    """(B, C, H, W) -> (B, heads, C // heads, H, W), head h holding a contiguous block of channels."""
-    B, C, H, W = x.shape
-    return x.reshape(B, heads, C // heads, H, W)
-
-
 def _correlation_logits(q: Tensor, k: Tensor, heads: int) -> Tensor:
     """a[b, h, u, v] = sum_c sum_n Re(conj(q_c[n]) k_c[n + (u, v)]) / (N sqrt(d)), via conj(F q) * F k."""
     H, W = q.shape[-2:]
     d = q.shape[1] // heads
-    qh, kh = _split_heads(q, heads), _split_heads(k, heads)
+    qh, kh = split_heads(q, heads), split_heads(k, heads)
     if q.is_complex():
         spectrum = (torch.fft.fft2(qh).conj() * torch.fft.fft2(kh)).sum(2)
         a = torch.fft.ifft2(spectrum).real
@@ -62,7 +56,7 @@ def _bccb_apply(w: Tensor, x: Tensor) -> Tensor:
     """y = M_w x per channel: y_c = F^-1(conj(F w) * F x_c), i.e. y[:, n] = sum_(u,v) w[u, v] x[:, n + (u, v)]."""
     B, C, H, W = x.shape
     heads = w.shape[1]
-    xh = _split_heads(x, heads)
+    xh = split_heads(x, heads)
     if x.is_complex():
         y = torch.fft.ifft2(torch.fft.fft2(w).conj().unsqueeze(2) * torch.fft.fft2(xh))
     else:
@@ -142,14 +136,11 @@ class BCCB:
             x: (B, C, H, W) with C divisible by heads, the kernel's precision (real or complex);
                 float16/bfloat16 on CUDA with a float32 kernel, returned in x's dtype.
         """
-        check_4d("x", x)
+        check_operand(
+            "x", x, "the kernel", batch=self.batch, size=self.spatial_size, heads=self.heads, device=self.device,
+            precision=None,
+        )
         check_dtype("x", x)
-        check_heads(self.heads, x.shape[1], "x")
-        B, H, W = self.batch, *self.spatial_size
-        if x.device != self.device:
-            raise ValueError(f"x is on {x.device} but the kernel is on {self.device}; move x with x.to({str(self.device)!r})")
-        if (x.shape[0], *x.shape[2:]) != (B, H, W):
-            raise ValueError(f"x must have batch {B} and grid {H}x{W} like the kernel, got shape {tuple(x.shape)}")
         compute = _compute_dtype(x.dtype)
         if compute.to_real() != self.dtype:
             raise TypeError(

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from . import backends
-from ._checks import check_4d, check_heads
+from ._checks import check_operand, check_window, split_heads
 from .autograd import ApplyFn
 from .spy import braille, pattern_mask
 
@@ -37,15 +37,23 @@ class Circulant:
     __array_priority__ = 1000
 
     def __init__(self, values: torch.Tensor, window: int, kind: str = "matrix") -> None:
-        if values.dim() == 6:
+        if not isinstance(values, torch.Tensor):
+            raise TypeError(f"values must be a torch.Tensor, got {type(values).__name__}")
+        if isinstance(window, bool) or not isinstance(window, int):
+            raise TypeError(f"window must be an odd int, got {window!r}")
+        shape = tuple(values.shape)
+        if values.dim() == 6 and shape[-2:] == (window, window):
             values = values.flatten(-2)
         if values.dim() != 5 or values.shape[-1] != window * window:
             raise ValueError(
-                f"values must be (B, heads, H, W, {window}, {window}) or (B, heads, H, W, {window * window}), "
-                f"got {tuple(values.shape)}"
+                f"values must be (B, heads, H, W, {window}, {window}) or (B, heads, H, W, {window * window}), got {shape}"
             )
-        if values.is_complex():
-            raise TypeError("Circulant values must be real (complex q, k give a real similarity)")
+        check_window(window, values.shape[2], values.shape[3])
+        if not values.is_floating_point():
+            raise TypeError(
+                f"Circulant values must be real floating point, got {values.dtype} "
+                f"(complex q, k give a real similarity); use values.float()"
+            )
         self._values = values
         self.window = window
         self.kind = kind
@@ -109,23 +117,13 @@ class Circulant:
         return self._like(torch.softmax(self._values, dim=-1), kind if kind != self.kind else "adjacency")
 
     def _product(self, x: torch.Tensor, transposed: bool, backend: str | None) -> torch.Tensor:
-        check_4d("x", x)
-        B, C, H, W = x.shape
-        if (H, W) != self.spatial_size or B != self.batch:
-            raise ValueError(
-                f"x must be (B={self.batch}, C, {self.spatial_size[0]}, {self.spatial_size[1]}) to match the matrix, "
-                f"got {tuple(x.shape)}"
-            )
-        check_heads(self.heads, C, name="x")
-        if x.device != self.device:
-            raise ValueError(f"x is on {x.device} but the matrix is on {self.device}; move x with .to({str(self.device)!r})")
-        real = x.real.dtype if x.is_complex() else x.dtype
-        if real != self.dtype:
-            raise TypeError(f"x is {x.dtype} but the matrix is {self.dtype}; convert x to the matrix's precision")
+        check_operand(
+            "x", x, "the matrix", batch=self.batch, size=self.spatial_size, heads=self.heads, device=self.device,
+            precision=self.dtype,
+        )
         impl = backends.resolve(backend, x.device)
-        xs = x.reshape(B, self.heads, C // self.heads, H, W)
-        y = ApplyFn.apply(self._values, xs, self.window, transposed, impl)
-        return y.reshape(B, C, H, W)
+        y = ApplyFn.apply(self._values, split_heads(x, self.heads), self.window, transposed, impl)
+        return y.reshape(x.shape)
 
     def apply(self, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
         """y = A x for x of shape (B, C, H, W): head h acts on its block of C / heads channels."""
@@ -144,12 +142,21 @@ class Circulant:
         return _Transposed(self)
 
     # ----- arithmetic on the shared pattern --------------------------------------------------
-    def _check_same_pattern(self, other: Circulant) -> None:
+    def _check_same_pattern(self, other: object) -> None:
+        """`other` is a Circulant on the same pattern and device whose batch and heads equal ours or are 1."""
+        if not isinstance(other, Circulant):
+            raise TypeError(f"expected a Circulant, got {type(other).__name__}")
         if self.window != other.window or self.spatial_size != other.spatial_size:
             raise ValueError(
                 f"matrices differ in pattern: window {self.window} on {self.spatial_size} vs "
                 f"window {other.window} on {other.spatial_size}"
             )
+        if self.device != other.device:
+            raise ValueError(f"matrices are on {self.device} and {other.device}; move one with .to()")
+        for dim in ("batch", "heads"):
+            a, b = getattr(self, dim), getattr(other, dim)
+            if a != b and 1 not in (a, b):
+                raise ValueError(f"matrices differ in {dim} ({a} vs {b}); {dim} must match or be 1 to broadcast")
 
     def __add__(self, other: Circulant) -> Circulant:
         if not isinstance(other, Circulant):
@@ -269,9 +276,13 @@ def cat(matrices: Sequence[Circulant], dim: str = "heads") -> Circulant:
     if not matrices:
         raise ValueError("cat needs at least one Circulant")
     first = matrices[0]
+    if not isinstance(first, Circulant):
+        raise TypeError(f"cat takes Circulants, got {type(first).__name__}")
     other_dim = "batch" if dim == "heads" else "heads"
     for m in matrices[1:]:
         first._check_same_pattern(m)
+        if m.dtype != first.dtype:
+            raise TypeError(f"cat needs one dtype: {first.dtype} vs {m.dtype}; convert with .to({first.dtype})")
         if getattr(m, other_dim) != getattr(first, other_dim):
             raise ValueError(f"cat along {dim} needs equal {other_dim}: {getattr(first, other_dim)} vs {getattr(m, other_dim)}")
     values = torch.cat([m.flat_values for m in matrices], dim=1 if dim == "heads" else 0)

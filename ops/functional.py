@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
 from . import backends
-from ._checks import check_4d, check_heads, check_inputs
+from ._checks import check_inputs, check_operand, split_heads
 from .autograd import AttentionFn, SimilarityFn
 from .circulant import Circulant
-
-
-def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    B, C, H, W = x.shape
-    return x.reshape(B, heads, C // heads, H, W)
 
 
 def similarity(
@@ -38,7 +34,7 @@ def similarity(
     """
     check_inputs(q, k, window, kind, heads)
     impl = backends.resolve(backend, q.device)
-    values = SimilarityFn.apply(_split_heads(q, heads), _split_heads(k, heads), window, kind == "distance", impl)
+    values = SimilarityFn.apply(split_heads(q, heads), split_heads(k, heads), window, kind == "distance", impl)
     return Circulant(values, window, f"{kind} similarity")
 
 
@@ -54,17 +50,15 @@ def adjacency(
     return similarity(q, k, window, kind, heads, backend).softmax()
 
 
-def _check_values(q: torch.Tensor, v: torch.Tensor, heads: int) -> None:
-    check_4d("v", v)
-    if v.device != q.device:
-        raise ValueError(f"v is on {v.device} but q is on {q.device}; move v with .to({str(q.device)!r})")
-    if (v.shape[0], v.shape[2], v.shape[3]) != (q.shape[0], q.shape[2], q.shape[3]):
-        raise ValueError(f"v must match the batch and spatial size of q: {tuple(q.shape)} vs {tuple(v.shape)}")
-    q_real = q.real.dtype if q.is_complex() else q.dtype
-    v_real = v.real.dtype if v.is_complex() else v.dtype
-    if v_real != q_real:
-        raise TypeError(f"v is {v.dtype} but q is {q.dtype}; use the same precision for both")
-    check_heads(heads, v.shape[1], name="v")
+def _check_scale(scale: object, head_dim: int) -> float | torch.Tensor:
+    """The default 1/sqrt(head_dim), a real number, or a real 0-d tensor (kept as is: it may be learned)."""
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, torch.Tensor) and scale.dim() == 0 and scale.is_floating_point():
+        return scale
+    if isinstance(scale, numbers.Real) and not isinstance(scale, bool):
+        return float(scale)
+    raise TypeError(f"scale must be a real number or a 0-d float tensor, got {scale!r}")
 
 
 def attention(
@@ -85,18 +79,22 @@ def attention(
 
     Args:
         q, k: (B, C, H, W); v: (B, Cv, H, W), Cv divisible by heads (may be complex).
-        scale: multiplies the similarity; default 1/sqrt(C / heads).
+        scale: multiplies the similarity; default 1/sqrt(C / heads). A 0-d tensor that requires grad is
+            learned: that call goes through the stored adjacency, as the fused kernels take a constant.
     """
     check_inputs(q, k, window, kind, heads)
-    _check_values(q, v, heads)
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[1] // heads)
-    if return_adjacency:
+    check_operand(
+        "v", v, "q", batch=q.shape[0], size=q.shape[2:], heads=heads, device=q.device, precision=q.dtype.to_real()
+    )
+    scale = _check_scale(scale, q.shape[1] // heads)
+    learned = isinstance(scale, torch.Tensor) and scale.requires_grad
+    if return_adjacency or learned:  # the fused kernels take scale as a constant; a learned one needs autograd
         A = (similarity(q, k, window, kind, heads, backend) * scale).softmax()
         A.kind = f"attention ({kind})"
-        return A.apply(v, backend), A
+        y = A.apply(v, backend)
+        return (y, A) if return_adjacency else y
     impl = backends.resolve(backend, q.device)
     y = AttentionFn.apply(
-        _split_heads(q, heads), _split_heads(k, heads), _split_heads(v, heads), window, kind == "distance", float(scale), impl
+        split_heads(q, heads), split_heads(k, heads), split_heads(v, heads), window, kind == "distance", float(scale), impl
     )
     return y.reshape(v.shape)

@@ -37,6 +37,17 @@ q = torch.randn(1, 4, 8, 9)
         (lambda: ca.adjacency(q, q, 3).sum("diagonal"), ValueError, ["dim", "rows", "columns"]),
         (lambda: ca.cat([ca.adjacency(q, q, 3), ca.adjacency(q, q, 5)]), ValueError, ["pattern"]),
         (lambda: ca.Circulant(torch.randn(1, 1, 4, 4, 8), 3), ValueError, ["values", "9"]),
+        (lambda: ca.Circulant(torch.randn(1, 1, 4, 4, 16), 4), ValueError, ["window", "odd"]),
+        (lambda: ca.Circulant(torch.randn(1, 1, 4, 4, 25), 5), ValueError, ["window 5", "larger than the image"]),
+        (lambda: ca.Circulant(torch.randn(1, 1, 4, 4, 9).long(), 3), TypeError, ["values", "float"]),
+        (lambda: ca.Circulant([1.0], 3), TypeError, ["values", "torch.Tensor"]),
+        (lambda: ca.adjacency(q, q, 3) + ca.adjacency(q, q, 3).to("meta"), ValueError, ["meta", ".to()"]),
+        (lambda: ca.Circulant(torch.rand(2, 1, 8, 9, 9), 3) + ca.Circulant(torch.rand(3, 1, 8, 9, 9), 3), ValueError,
+         ["batch", "2 vs 3"]),
+        (lambda: ca.cat([ca.adjacency(q, q, 3), q]), TypeError, ["Circulant", "Tensor"]),
+        (lambda: ca.cat([ca.adjacency(q, q, 3), ca.adjacency(q, q, 3).to(torch.float64)]), TypeError, ["dtype", ".to("]),
+        (lambda: ca.attention(q, q, q, 3, scale="a"), TypeError, ["scale", "real number"]),
+        (lambda: ca.similarity(torch.randn(1, 0, 8, 9), torch.randn(1, 0, 8, 9), 3), ValueError, ["q", "empty"]),
     ],
 )
 def test_bad_input_names_argument_and_fix(call, error, words):
@@ -81,3 +92,12 @@ def test_unbuildable_kernels_fall_back_to_reference_with_one_warning(monkeypatch
     torch.testing.assert_close(A.flat_values, ca.adjacency(q, q, 3, backend="reference").flat_values)
     with pytest.raises(RuntimeError, match="backend='cpu' needs its kernels built"):
         ca.adjacency(q, q, 3, backend="cpu")
+
+
+def test_a_learned_scale_gets_its_gradient():
+    """A 0-d scale that requires grad goes through autograd (the fused kernels take a constant)."""
+    scale = torch.tensor(0.5, requires_grad=True)
+    y = ca.attention(q, q, q, 3, scale=scale)
+    y.square().sum().backward()
+    assert scale.grad is not None and scale.grad != 0
+    torch.testing.assert_close(y, ca.attention(q, q, q, 3, scale=0.5))
