@@ -465,6 +465,8 @@ def _tiled(model: torch.nn.Module, height: int, width: int, device: torch.device
         return None, f"no tiled runner ({err})"
     margin = tile_margin(model)
     tile = min(tiling.auto_tile(device, margin, bytes_per_pixel(model)), max(tiling.MIN_TILE, max(height, width) // 2))
+    if max(height, width) <= tile + margin:
+        return None, f"one tile with its {margin} px margin covers the image: denoise runs it untiled"
     return lambda fn, y: tiling.run_tiled(fn, y, tile, margin), f"tile {tile}, margin {margin}"
 
 
@@ -512,7 +514,6 @@ def _time_model(row: Row, call: Callable[[], object], settings: Settings) -> Row
     return row
 
 
-# ----- output ----------------------------------------------------------------------------------------
 # ----- options -------------------------------------------------------------------------------------
 def _choices(value: str, allowed: Sequence[str], option: str) -> tuple[str, ...]:
     items = tuple(dict.fromkeys(v.strip() for v in value.split(",") if v.strip()))

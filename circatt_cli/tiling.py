@@ -48,11 +48,12 @@ def _context(start: int, stop: int, margin: int, length: int) -> Window:
 
 
 def axis_windows(length: int, tile: int, overlap: int, margin: int) -> list[Window]:
-    """Output windows covering [0, length); one window with no extra context when the axis fits in a tile.
+    """Output windows covering [0, length), overlapping by at least `overlap`.
 
-    Each window's input range [lo, hi) adds context on the untiled stride-2 phase (see `_context`).
+    One window when the axis fits in a tile, or when every tile's input (tile plus margins) would span
+    the whole axis anyway. Each input range [lo, hi) adds context on the untiled stride-2 phase.
     """
-    if length <= tile:
+    if length <= tile + margin:
         return [Window(0, length, 0, length)]
     step = max(2, tile - overlap)
     starts = sorted(set(range(0, length - tile, step)) | {length - tile})
