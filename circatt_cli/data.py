@@ -3,17 +3,20 @@ fresh white Gaussian noise per sample; everything drawn from one torch.Generator
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
-from .imageio import is_supported
+from .imageio import ImageData, decode_image, quantize, read_image
+from .paths import image_files
 
 LUMA = (0.299, 0.587, 0.114)
+
+
+class DataError(Exception):
+    """Training or evaluation input (images, a pack, a checkpoint) that cannot be used; one line for the user."""
 
 
 def to_luma(rgb: np.ndarray) -> np.ndarray:
@@ -22,36 +25,36 @@ def to_luma(rgb: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(y), 0, 255).astype(np.uint8)
 
 
-def decode(data: bytes | Path, channels: int) -> np.ndarray:
-    """Read one image (file path or encoded bytes) as (H, W, channels) uint8; gray -> luma, gray -> RGB copies."""
-    source = io.BytesIO(data) if isinstance(data, bytes) else data
-    with Image.open(source) as img:
-        rgb = np.array(img.convert("RGB"))
-    if channels == 1:
-        return to_luma(rgb)[..., None]
-    return rgb
-
-
-def image_files(folder: Path) -> list[Path]:
-    """The image files of a folder, sorted by name."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and is_supported(p))
+def to_uint8(image: ImageData, channels: int) -> np.ndarray:
+    """(H, W, channels) uint8 of a read image, the field's 8-bit convention: 16-bit samples rounded to 8 bits,
+    alpha dropped, RGB -> luma for one channel, gray repeated for three."""
+    pixels = quantize(image.pixels, 8)
+    if image.channels == channels:
+        return pixels
+    return to_luma(pixels)[..., None] if channels == 1 else np.repeat(pixels, channels, axis=2)
 
 
 def read_pack(path: Path) -> dict[str, bytes]:
     """A pack written by scripts/pack_data.py: file name -> the file's original encoded bytes."""
-    with np.load(path, allow_pickle=False) as pack:
-        return {name: pack[name].tobytes() for name in sorted(pack.files)}
+    if path.suffix != ".npz":
+        raise DataError(f"{path}: give a folder of images or an .npz pack from scripts/pack_data.py")
+    try:
+        with np.load(path, allow_pickle=False) as pack:
+            return {name: pack[name].tobytes() for name in sorted(pack.files)}
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: not a readable .npz pack ({err})") from None
 
 
 def load_images(source: Path, channels: int) -> list[Tensor]:
-    """Every image of a folder or of a .npz pack as a (channels, H, W) uint8 tensor."""
+    """Every image of a folder or of a .npz pack as a (channels, H, W) uint8 tensor; raises ImageError for
+    an unreadable image and DataError for no images."""
     if source.is_file():
-        encoded = list(read_pack(source).values())
+        images = [decode_image(data, f"{source}:{name}") for name, data in read_pack(source).items()]
     else:
-        encoded = [p.read_bytes() for p in image_files(source)]
-    if not encoded:
-        raise ValueError(f"no images found in {source}")
-    return [torch.from_numpy(decode(data, channels)).permute(2, 0, 1).contiguous() for data in encoded]
+        images = [read_image(path) for path in image_files(source)]
+    if not images:
+        raise DataError(f"no images found in {source}")
+    return [torch.from_numpy(to_uint8(image, channels)).permute(2, 0, 1).contiguous() for image in images]
 
 
 def augment(crop: Tensor, code: int) -> Tensor:
@@ -71,7 +74,7 @@ class CropSampler:
     def __init__(self, images: list[Tensor], crop: int, sigma_range: tuple[float, float], seed: int) -> None:
         small = [tuple(img.shape[-2:]) for img in images if min(img.shape[-2:]) < crop]
         if small:
-            raise ValueError(f"crop {crop} is larger than {len(small)} image(s), e.g. one of size {small[0]}")
+            raise DataError(f"crop {crop} is larger than {len(small)} image(s), e.g. one of size {small[0]}; use a smaller --crop")
         self.images = images
         self.crop = crop
         self.sigma_range = sigma_range

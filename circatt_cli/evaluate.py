@@ -19,11 +19,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from torch import Tensor
 
-from .data import decode, image_files
+from .data import to_uint8
 from .devices import resolve_device
+from .imageio import ImageError, read_image
 from .metrics import psnr, ssim
 from .model import GroupCDL
 from .noise import estimate_sigma
+from .paths import image_files
 from .weights import WeightsError, load_model
 
 PEERS = ("nlm", "bm3d")
@@ -55,7 +57,7 @@ def add_noise(clean: Tensor, name: str, sigma: float) -> Tensor:
 
 def load_image(path: Path, channels: int) -> Tensor:
     """(1, channels, H, W) float in [0, 1]; RGB files become luma for a gray model, gray files RGB copies."""
-    array = decode(path, channels)
+    array = to_uint8(read_image(path), channels)
     return torch.from_numpy(array).permute(2, 0, 1)[None].float() / 255.0
 
 
@@ -220,15 +222,25 @@ def run_eval(
     peers: dict | None = None,
     limit: int | None = None,
     console: Console | None = None,
+    on_error: Callable[[str], None] | None = None,
 ) -> list[Result]:
-    """Evaluate on every (folder, image, sigma) with a rich progress bar; returns the per-image results."""
+    """Evaluate on every (folder, image, sigma) with a rich progress bar; returns the per-image results.
+
+    An unreadable image raises ImageError, or with `on_error` is reported to it and skipped."""
     console = console or Console(stderr=True)
     jobs = [(folder, path) for folder in folders for path in image_files(folder)[:limit]]
     results: list[Result] = []
     with _progress(console) as bar:
         task = bar.add_task("eval", total=len(jobs) * len(sigmas))
         for folder, path in jobs:
-            clean = load_image(path, model.config.channels)
+            try:
+                clean = load_image(path, model.config.channels)
+            except ImageError as err:
+                if on_error is None:
+                    raise
+                on_error(str(err))
+                bar.advance(task, len(sigmas))
+                continue
             for sigma in sigmas:
                 bar.update(task, description=f"{folder.name}/{path.name} sigma {sigma:g}")
                 results.extend(evaluate_image(model, clean, folder.name, path.name, sigma, estimate, peers or {}))
@@ -250,6 +262,9 @@ def eval_command(
 ) -> None:
     """PSNR / SSIM of a model on folders of clean images, with fixed-seed noise per image."""
     _check_folders(data)
+    for option, path in (("--json", json_path), ("--csv", csv_path)):
+        if path is not None and not path.parent.is_dir():
+            raise typer.BadParameter(f"the folder of {path} does not exist", param_hint=option)
     sigmas = _parse_sigmas(sigma)
     torch_device, _ = resolve_device(device)
     peer_fns, notes = available_peers(_parse_peers(peers))
@@ -261,7 +276,8 @@ def eval_command(
     except WeightsError as err:
         console.print(f"[red]error:[/] {err}")
         raise typer.Exit(2) from None
-    results = run_eval(net, data, sigmas, estimate_sigma_, peer_fns, limit)
+    errors: list[str] = []
+    results = run_eval(net, data, sigmas, estimate_sigma_, peer_fns, limit, on_error=errors.append)
     if per_image:
         console.print(render_images(results))
     console.print(render_means(results, f"circatt eval -- model {model}"))
@@ -270,6 +286,10 @@ def eval_command(
         write_json(json_path, results, meta)
     if csv_path:
         write_csv(csv_path, results)
+    for error in errors:
+        console.print(f"[red]error:[/] {error} (left out)")
+    if errors:
+        raise typer.Exit(1)
 
 
 def register(app: typer.Typer) -> None:

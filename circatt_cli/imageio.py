@@ -3,6 +3,7 @@ applied, ICC profile and EXIF carried over, atomic writes, and one-line errors."
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from dataclasses import dataclass, replace
@@ -102,7 +103,7 @@ def _wide_color(img: Image.Image) -> bool:
     return any(";16" in raw for raw in rawmodes) or (isinstance(bits, tuple) and max(bits) > 8)
 
 
-def _split(img: Image.Image, path: Path) -> tuple[np.ndarray, np.ndarray | None, int]:
+def _split(img: Image.Image, path: str) -> tuple[np.ndarray, np.ndarray | None, int]:
     """(float pixels (H, W, C), alpha or None, bits) of a loaded image."""
     mode = img.mode
     if mode in _SIXTEEN_BIT_MODES:
@@ -130,12 +131,27 @@ def _split(img: Image.Image, path: Path) -> tuple[np.ndarray, np.ndarray | None,
 def read_image(path: str | Path) -> ImageData:
     """Read an image file as float pixels in [0, 1], EXIF orientation applied; raises ImageError."""
     path = Path(path)
-    img = _open(path)
+    return _read(_open(path), str(path))
+
+
+def decode_image(data: bytes, name: str) -> ImageData:
+    """`read_image` for a file's encoded bytes (e.g. from a training pack); `name` labels the errors."""
+    try:
+        img = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, OSError):
+        raise ImageError(f"{name}: not a readable image (corrupt, or not a PNG/JPEG/TIFF/WebP/BMP file)") from None
+    if img.format not in FORMATS.values():
+        raise ImageError(f"{name}: {img.format} images are not supported; use PNG, JPEG, TIFF, WebP or BMP")
+    return _read(img, name)
+
+
+def _read(img: Image.Image, name: str) -> ImageData:
+    """Pixels, alpha, depth and metadata of an opened image (closed afterwards)."""
     try:
         with img:
             if _wide_color(img):
                 raise ImageError(
-                    f"{path}: 16-bit colour is not supported (Pillow reads it at 8 bits); "
+                    f"{name}: 16-bit colour is not supported (Pillow reads it at 8 bits); "
                     "use 16-bit gray or 8-bit colour"
                 )
             fmt = img.format
@@ -143,11 +159,11 @@ def read_image(path: str | Path) -> ImageData:
             img.load()
             upright = ImageOps.exif_transpose(img)
             exif = upright.getexif().tobytes() if len(upright.getexif()) else None
-            pixels, alpha, bits = _split(upright, path)
+            pixels, alpha, bits = _split(upright, name)
     except ImageError:
         raise
     except (OSError, ValueError, SyntaxError) as err:
-        raise ImageError(f"{path}: corrupt or truncated image ({err})") from None
+        raise ImageError(f"{name}: corrupt or truncated image ({err})") from None
     return ImageData(pixels=pixels, alpha=alpha, bits=bits, format=fmt, icc_profile=icc or None, exif=exif)
 
 

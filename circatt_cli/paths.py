@@ -26,6 +26,11 @@ def _folder_images(folder: Path, recursive: bool) -> list[Source]:
     return [Source(p, p.relative_to(folder)) for p in images]
 
 
+def image_files(folder: Path) -> list[Path]:
+    """The image files directly in a folder, sorted by name, leaving out this tool's own outputs."""
+    return [source.path for source in _folder_images(folder, recursive=False)]
+
+
 def expand_inputs(arguments: list[str], recursive: bool) -> tuple[list[Source], list[str]]:
     """Files, folders (images inside; subfolders with `recursive`) and globs -> (sources, error lines).
 

@@ -23,8 +23,10 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .data import CropSampler, load_images
+from .data import CropSampler, DataError, load_images
 from .devices import resolve_device
+from .imageio import ImageError
+from .metrics import psnr
 from .model import GroupCDL, GroupCDLConfig
 
 CHECKPOINT = "last.pt"
@@ -216,7 +218,7 @@ class Trainer:
         """Continue from a checkpoint; the sampler states carry over when the world size is unchanged."""
         state = torch.load(path, map_location="cpu", weights_only=False)
         if state["config"] != self.model.config.to_dict():
-            raise ValueError(f"{path} holds a different model config: {state['config']}")
+            raise DataError(f"{path} holds a different model config ({state['config']}); use another --out or --preset")
         same_world = state["world"] == self.ctx.world
         if not same_world and self.ctx.main:
             self.console.print(f"[yellow]note:[/] world size {state['world']} -> {self.ctx.world}: data streams reseeded")
@@ -236,8 +238,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.opts.clip)
-        mse = (out.detach() - clean).square().flatten(1).mean(1)
-        total_loss, total_psnr = _all_sum([loss.item(), (-10 * torch.log10(mse)).mean().item()], self.ctx)
+        total_loss, total_psnr = _all_sum([loss.item(), psnr(out.detach(), clean).mean().item()], self.ctx)
         loss_value = total_loss / self.ctx.world
         if math.isfinite(loss_value):
             self.optimizer.step()
@@ -357,9 +358,9 @@ def run(opts: TrainOptions, console: Console | None = None) -> dict:
 def _run(opts: TrainOptions, ctx: Dist, console: Console) -> dict:
     if ctx.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    trainer = Trainer(opts, ctx, console)  # loads the data first: a run that cannot start leaves no folder
     if ctx.main:
         opts.out.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(opts, ctx, console)
     log = JsonLog(opts.out / LOG, ctx.main)
     checkpoint = opts.out / CHECKPOINT
     if opts.resume and checkpoint.exists():
@@ -476,7 +477,7 @@ def train_command(
     console = Console()
     try:
         summary = run(opts, console)
-    except ValueError as err:
+    except (DataError, ImageError) as err:
         console.print(f"[red]error:[/] {err}")
         raise typer.Exit(2) from None
     if int(os.environ.get("RANK", "0")) == 0:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from circatt_cli.data import image_files
+from circatt_cli.paths import image_files
 
 
 def pack(folder: Path, out: Path) -> int:

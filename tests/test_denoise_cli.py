@@ -68,6 +68,11 @@ def test_tiler_is_exact_for_a_local_operator():
     assert all(w.lo == 0 or w.lo % 2 == 1 for w in windows)  # odd side: tiles start on the model's stride phase
 
 
+def test_a_side_spanned_by_one_tile_and_its_margin_is_not_cut():
+    assert len(axis_windows(1100, 1024, 64, 656)) == 1  # each tile's input would be the whole side anyway
+    assert len(axis_windows(2048, 1024, 64, 656)) == 3
+
+
 def test_out_of_memory_retries_with_smaller_tiles():
     """A denoiser that runs out of memory on inputs over 90 px a side: the tiler halves the tile until it
     fits, and the result still matches the untiled operator."""

@@ -79,6 +79,17 @@ def test_eval_errors(folder, tmp_path):
     assert code == 2 and "unknown peer" in out
 
 
+def test_a_bad_image_is_left_out_and_the_rest_scored(folder, weights, tmp_path):
+    (folder / "zz.png").write_bytes(b"not an image")
+    (folder / "0_denoised.png").write_bytes((folder / "0.png").read_bytes())  # our own output: not a test image
+    out_json = tmp_path / "r.json"
+    code, out = invoke(["eval", "--model", str(weights), "--data", str(folder), "--sigma", "25", "--json", str(out_json)])
+    assert code == 1 and "zz.png: not a readable image" in out and "Traceback" not in out
+    assert sorted(r["image"] for r in json.loads(out_json.read_text())["images"]) == ["0.png", "1.png"]
+    code, out = invoke(["eval", "--model", str(weights), "--data", str(folder), "--json", str(tmp_path / "no" / "r.json")])
+    assert code == 2 and "does not exist" in out
+
+
 def test_missing_peer_gives_a_note(monkeypatch):
     import builtins
 

@@ -100,3 +100,25 @@ def test_user_errors_are_one_line(tmp_path):
     assert code == 2 and "does not exist" in out and "Traceback" not in out
     code, out = invoke(["train", str(tmp_path), "--out", str(tmp_path / "r"), "--preset", "sepia"])
     assert code == 2 and "not a preset" in out
+
+
+def test_bad_data_is_one_line_and_leaves_no_run_folder(images, tmp_path):
+    (images / "zz.png").write_bytes(b"not an image")
+    code, out = invoke(["train", str(images), "--out", str(tmp_path / "r1"), "--steps", "1", "--device", "cpu"])
+    assert code == 2 and "zz.png: not a readable image" in out and "Traceback" not in out
+    assert not (tmp_path / "r1").exists()
+    notes = tmp_path / "notes.txt"
+    notes.write_text("x")
+    code, out = invoke(["train", str(notes), "--out", str(tmp_path / "r2"), "--steps", "1", "--device", "cpu"])
+    assert code == 2 and ".npz pack" in out
+
+
+def test_sixteen_bit_images_keep_their_range(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    ramp = np.linspace(0, 65535, 32 * 40).reshape(32, 40).astype(np.uint16)
+    (tmp_path / "d").mkdir()
+    Image.fromarray(ramp).save(tmp_path / "d" / "ramp.png")
+    (img,) = load_images(tmp_path / "d", 1)
+    assert img.shape == (1, 32, 40) and img.min() == 0 and img.max() == 255 and (img == 255).float().mean() < 0.01
