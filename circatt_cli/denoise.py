@@ -19,6 +19,7 @@ from . import tiling
 from .devices import describe, resolve_device
 from .imageio import ImageData, ImageError, read_image, write_image
 from .paths import Source, expand_inputs, output_for, output_is_file
+from .weights import WeightsError, load_model
 
 
 @dataclass
@@ -59,9 +60,7 @@ class Models:
         """The loaded model (in eval mode) for an image with this many channels."""
         spec = self.spec_for(channels)
         if spec not in self._loaded:
-            from .weights import load_model
-
-            self._loaded[spec] = load_model(spec, self.device).eval()
+            self._loaded[spec] = load_model(spec, self.device)
         return self._loaded[spec]
 
 
@@ -200,9 +199,10 @@ def process(job: Job, source: Source, target: Path, progress: Progress, tiles_ta
     return outcome
 
 
-def plan_outputs(sources: list[Source], output: Path | None, overwrite: bool) -> tuple[list[tuple[Source, Path]], list[Outcome]]:
+def plan_outputs(
+    sources: list[Source], output: Path | None, as_file: bool, overwrite: bool
+) -> tuple[list[tuple[Source, Path]], list[Outcome]]:
     """Pair each input with its output path; refuse outputs that are inputs, taken twice, or exist."""
-    as_file = output_is_file(output, len(sources))
     inputs = {s.path.resolve() for s in sources}
     planned: list[tuple[Source, Path]] = []
     refused: list[Outcome] = []
@@ -212,11 +212,11 @@ def plan_outputs(sources: list[Source], output: Path | None, overwrite: bool) ->
         key = target.resolve()
         reason = None
         if key in inputs:
-            reason = f"{target}: is an input; refusing to overwrite it (choose another -o)"
+            reason = f"its output {target} is an input; refusing to overwrite it (choose another -o)"
         elif key in taken:
-            reason = f"{target}: already the output of another input in this run"
+            reason = f"its output {target} is already the output of another input in this run"
         elif target.exists() and not overwrite:
-            reason = f"{target}: already exists (use --overwrite to replace it)"
+            reason = f"its output {target} already exists (use --overwrite to replace it)"
         if reason:
             refused.append(Outcome(source.path, error=reason))
         else:
@@ -254,7 +254,7 @@ def make_progress(console: Console) -> Progress:
 
 def report_failure(console: Console, outcome: Outcome, err: BaseException, debug: bool) -> None:
     """One clear line for a failed image; the traceback too with --debug."""
-    if isinstance(err, ImageError):
+    if isinstance(err, (ImageError, WeightsError)):  # the user's to fix: the message alone
         outcome.error = str(err).removeprefix(f"{outcome.source}: ")
     else:
         outcome.error = f"{type(err).__name__}: {err}"
@@ -294,10 +294,12 @@ def load_reference(path: Path | None, count: int) -> ImageData | None:
         raise typer.BadParameter(str(err), param_hint="--reference") from None
 
 
-def check_output_option(output: Path | None, count: int) -> None:
-    """-o naming an image file is only valid for one input."""
-    if output is not None and not output.is_dir() and output.suffix and count > 1:
-        raise typer.BadParameter(f"{output} looks like a file but there are {count} inputs; give a folder", param_hint="-o/--output")
+def check_output_option(output: Path | None, count: int) -> bool:
+    """Whether -o names a file (see paths.output_is_file); an -o that cannot work is a usage error."""
+    try:
+        return output_is_file(output, count)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="-o/--output") from None
 
 
 def denoise(
@@ -319,17 +321,14 @@ def denoise(
     console = Console(highlight=False)
     torch_device, device_line = resolve_device(device)
     sources, errors = expand_inputs(inputs, recursive)
-    check_output_option(output, len(sources))
+    as_file = check_output_option(output, len(sources))
     job = Job(Models(model, torch_device), torch_device, sigma, tile, add_noise_sigma, seed, jpeg_quality, overwrite,
               load_reference(reference, len(sources)))
     job.models.preload()
     console.print(device_line)
     for line in errors:
         console.print(f"[red]error:[/] {line}")
-    if output is not None:
-        folder = output.parent if output_is_file(output, len(sources)) else output
-        folder.mkdir(parents=True, exist_ok=True)
-    planned, refused = plan_outputs(sources, output, overwrite)
+    planned, refused = plan_outputs(sources, output, as_file, overwrite)
     for o in refused:
         console.print(f"[red]error:[/] {o.source}: {o.error}")
     outcomes = run_all(job, planned, console, debug) + refused

@@ -19,6 +19,7 @@ from . import attention_plots as plots
 from .denoise import Models, estimate, to_tensor
 from .devices import resolve_device
 from .imageio import ImageData, ImageError, read_image
+from .weights import WeightsError
 
 
 def parse_pixel(text: str) -> tuple[int, int]:
@@ -123,13 +124,13 @@ def inspect_attention(
         x = to_tensor(pixels_in, torch_device)
         s = sigma / 255.0 if sigma is not None else estimate(x)
         G, theta, phi = net.attention_at(x, torch.tensor([s], device=torch_device), layer)
-    except ImageError as err:
+    except (ImageError, WeightsError) as err:
         console.print(f"[red]error:[/] {err}")
         raise typer.Exit(code=1) from None
     console.print(device_line)
-    out.mkdir(parents=True, exist_ok=True)
     written = [out / "adjacency_pattern.png", out / "attention_pixels.png", out / "effective_neighbours.png"]
     try:
+        out.mkdir(parents=True, exist_ok=True)
         plots.save_pattern(G, written[0])
         plots.save_pixel_maps(G, gray, picks, written[1])
         eff = plots.save_neighbours(G, gray, written[2])

@@ -6,7 +6,7 @@ import glob
 from dataclasses import dataclass
 from pathlib import Path
 
-from .imageio import is_supported
+from .imageio import FORMATS, is_supported
 
 SUFFIX = "_denoised"
 _GLOB_CHARS = set("*?[")
@@ -67,8 +67,21 @@ def _unique(sources: list[Source]) -> list[Source]:
 
 
 def output_is_file(output: Path | None, count: int) -> bool:
-    """Whether -o names one output file (rather than a folder); a file needs exactly one input."""
-    return output is not None and not output.is_dir() and is_supported(output) and count == 1
+    """Whether -o names one output file rather than a folder: a name with an extension that is not a folder.
+
+    Raises ValueError where -o cannot work: a file for several inputs, a file type that cannot be
+    written, or an existing file given as a folder."""
+    if output is None or output.is_dir():
+        return False
+    if not output.suffix:
+        if output.exists():
+            raise ValueError(f"{output} exists and is not a folder; give a folder or an image file name")
+        return False
+    if not is_supported(output):
+        raise ValueError(f"{output}: cannot write {output.suffix!r} files; use one of {', '.join(sorted(FORMATS))}")
+    if count > 1:
+        raise ValueError(f"{output} looks like a file but there are {count} inputs; give a folder")
+    return True
 
 
 def output_for(source: Source, output: Path | None, as_file: bool) -> Path:

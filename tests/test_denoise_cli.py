@@ -123,6 +123,18 @@ def test_overwrite_protection(cli, tmp_path):
     assert (tmp_path / "a.png").read_bytes() == before
 
 
+def test_an_output_option_that_cannot_work_is_a_usage_error(cli, tmp_path):
+    save(tmp_path / "a.png", noisy(16, 16))
+    save(tmp_path / "b.png", noisy(16, 16))
+    (tmp_path / "notes").write_text("text")
+    for args, words in ((["a.png", "-o", "result.txt"], "cannot write '.txt'"),
+                        (["a.png", "b.png", "-o", "out.png"], "2 inputs"),
+                        (["a.png", "-o", "notes"], "not a folder")):
+        result = cli("denoise", *args, "--sigma", "10")
+        assert result.exit_code == 2 and words in result.output and "Traceback" not in result.output, result.output
+    assert not (tmp_path / "result.txt").exists() and (tmp_path / "notes").read_text() == "text"
+
+
 def test_folders_globs_and_output_folder(cli, tmp_path):
     (tmp_path / "in" / "sub").mkdir(parents=True)
     save(tmp_path / "in" / "a.png", noisy(16, 18))

@@ -49,6 +49,17 @@ def test_bad_pixel_layer_and_file(cli, tmp_path):
     assert cli("inspect-attention", "a.png", "--out", "o", "--layer", "99").exit_code == 2
     result = cli("inspect-attention", "missing.png", "--out", "o")
     assert result.exit_code == 1 and "no such file" in result.output and "Traceback" not in result.output
+    result = cli("inspect-attention", "a.png", "--out", "a.png")
+    assert result.exit_code == 1 and "cannot write" in result.output and "Traceback" not in result.output
+
+
+def test_missing_weights_is_one_line(cli, tmp_path, monkeypatch):
+    Image.fromarray(noisy(16, 16)).save(tmp_path / "a.png")
+    monkeypatch.setenv("CIRCATT_WEIGHTS", str(tmp_path / "empty"))
+    for command in (["inspect-attention", "a.png", "--out", "o"], ["denoise", "a.png", "--sigma", "10"]):
+        result = cli(*command)
+        assert result.exit_code == 1 and "no weights file" in result.output, result.output
+        assert "Traceback" not in result.output and "WeightsError" not in result.output
 
 
 def test_occupancy_shows_band_and_wrap_corners():
