@@ -83,9 +83,9 @@ def _restore(out: torch.Tensor, channels: int) -> torch.Tensor:
 def denoiser(model: torch.nn.Module, image: torch.Tensor, sigma: float) -> Callable[[torch.Tensor], torch.Tensor]:
     """A tile -> denoised tile function for `image` (1, C, H, W): channels adapted to the model, the noise
     level fixed, and the whole image's mean, so that tiles agree with each other."""
-    batch = _adapt(model, image).shape[0]
-    s = torch.full((batch,), sigma, dtype=image.dtype, device=image.device)
-    mean = _adapt(model, image).mean(dim=(1, 2, 3), keepdim=True)
+    adapted = _adapt(model, image)
+    s = torch.full((adapted.shape[0],), sigma, dtype=image.dtype, device=image.device)
+    mean = adapted.mean(dim=(1, 2, 3), keepdim=True)
     return lambda tile: _restore(model(_adapt(model, tile), s, mean=mean), image.shape[1])
 
 

@@ -35,4 +35,6 @@ def resolve_device(spec: str) -> tuple[torch.device, str]:
             raise typer.BadParameter("CUDA was asked for but no CUDA device is available; use --device cpu", param_hint="--device")
         if device.index is not None and device.index >= count:
             raise typer.BadParameter(f"{spec} does not exist: {count} CUDA device(s), cuda:0..cuda:{count - 1}", param_hint="--device")
+        if device.index is None:  # always indexed, so that it equals the .device of the tensors made on it
+            device = torch.device("cuda", torch.cuda.current_device())
     return device, f"device: {describe(device)}"

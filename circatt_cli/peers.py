@@ -133,14 +133,13 @@ def csr_apply(values: Tensor, x: Tensor, *, crow: Tensor, col: Tensor) -> Tensor
     `values` is (B, G, N*K) in sorted-column order, `x` and the result are (B, G, N, Ch).
     """
     n = crow.numel() - 1
-    rows = []
-    for b in range(values.shape[0]):
-        heads = []
-        for g in range(values.shape[1]):
-            matrix = torch.sparse_csr_tensor(crow, col, values[b, g], size=(n, n), check_invariants=False)
-            heads.append(torch.sparse.mm(matrix, x[b, g]))
-        rows.append(torch.stack(heads))
-    return torch.stack(rows)
+    B, G = values.shape[:2]
+    products = [
+        torch.sparse.mm(torch.sparse_csr_tensor(crow, col, values[b, g], size=(n, n), check_invariants=False), x[b, g])
+        for b in range(B)
+        for g in range(G)
+    ]
+    return torch.stack(products).unflatten(0, (B, G))
 
 
 def circular_window(height: int, width: int, window: int) -> Callable:

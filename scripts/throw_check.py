@@ -15,4 +15,6 @@ for attempt in range(3):
         kernels.similarity(q, k, 3, False)
     except RuntimeError as err:
         print(f"attempt {attempt}: RuntimeError reached Python: {str(err).splitlines()[0]}")
+    else:
+        raise SystemExit("the kernel accepted mismatched q and k: its input check is missing")
 print("the process survived its kernel-side errors")
