@@ -100,9 +100,10 @@ class Dist:
 
 def setup_distributed(device: str | None) -> Dist:
     """One process per device: DDP over NCCL (CUDA) or gloo (CPU) when started by torchrun, else a plain run."""
+    chosen = resolve_device(device or "auto")[0]  # validates the option: CUDA asked for and absent is an error
     if "WORLD_SIZE" not in os.environ:
-        return Dist(device=resolve_device(device or "auto")[0])
-    want_cuda = torch.cuda.is_available() and (device in (None, "auto") or device.startswith("cuda"))
+        return Dist(device=chosen)
+    want_cuda = chosen.type == "cuda"
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local = int(os.environ.get("LOCAL_RANK", rank))
     target = torch.device(f"cuda:{local}") if want_cuda else torch.device("cpu")
