@@ -9,7 +9,8 @@
 # there (and its log to checkpoints/groupcdl-PRESET-log.jsonl) to keep a chunk's progress.
 # STEPS is the total of the whole run (the learning-rate schedule spans it), not of this chunk.
 # Environment: MAX_MINUTES, DATA (default data_cache/CBSD432.npz), BATCH (per GPU, default 12), RUN (default
-# runs/PRESET), EXTRA (more flags). CUDA_VISIBLE_DEVICES picks the GPUs (two chunks can share a machine).
+# runs/PRESET), EXTRA (more flags), OMP_NUM_THREADS (default 4 for a single-process run). CUDA_VISIBLE_DEVICES
+# picks the GPUs (two chunks can share a machine).
 set -euo pipefail
 
 usage="usage: scripts/train_gpu.sh gray|color STEPS"
@@ -55,7 +56,8 @@ START=$(date +%s)
 if [ "$NGPU" -gt 1 ]; then
     torchrun --standalone --nproc_per_node="$NGPU" "$LAUNCHER" "${ARGS[@]}"
 else
-    python "$LAUNCHER" "${ARGS[@]}"
+    # a lone process starts one thread per core (torchrun sets 1): beside another run it got 28.9 vs 77.0 images/s
+    OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} python "$LAUNCHER" "${ARGS[@]}"
 fi
 echo "chunk wall time: $(( $(date +%s) - START )) s"
 
