@@ -22,7 +22,7 @@ struct FwdSmem {
 };
 
 template <typename A>
-__host__ __device__ FwdSmem fwd_smem(const Geom& g, int C, int Cv, bool dist) {
+__host__ __device__ FwdSmem fwd_smem(const Geom& g, int C, int Cv, bool dist, int splits) {
   Bump b;
   FwdSmem s;
   s.q = b.take((long long)C * g.npix * sizeof(A));
@@ -30,7 +30,7 @@ __host__ __device__ FwdSmem fwd_smem(const Geom& g, int C, int Cv, bool dist) {
   s.v = b.take((long long)(Cv > 0 ? Cv : 1) * g.ps * sizeof(A));
   s.kn = b.take(dist ? (long long)g.nslots * g.rs * sizeof(A) : 0);
   s.qn = b.take(dist ? (long long)g.npix * sizeof(A) : 0);
-  s.buf = b.take((long long)g.npix * g.L * sizeof(A));
+  s.buf = b.take((long long)splits * g.npix * g.L * sizeof(A));
   s.m = b.take((long long)g.npix * sizeof(A));
   s.l = b.take((long long)g.npix * sizeof(A));
   s.al = b.take((long long)g.npix * sizeof(A));
@@ -39,18 +39,19 @@ __host__ __device__ FwdSmem fwd_smem(const Geom& g, int C, int Cv, bool dist) {
   return s;
 }
 
-// Per window row: logits of the tile's pixels (dot loop), an online-softmax update by a warp
-// per pixel (running max m, running sum l, rescale factor for the accumulators), then
+// Per window row: logits of the tile's pixels (dot loop, its channel parts added by the softmax
+// warps), an online-softmax update by a warp per pixel (running max m, running sum l, rescale
+// factor for the accumulators), then
 // rescaling and accumulation of P . v over the v ring. At the end y = acc / l and
 // lse = ln2 * (m + log2 l) (log2 domain inside).
 template <typename T, int RC>
 __global__ void __launch_bounds__(kThreads)
     attn_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                     const acc_t<T>* __restrict__ knorm, T* __restrict__ y, acc_t<T>* __restrict__ lse, int C, int Cv,
-                    int NG, Geom g, bool dist, acc_t<T> scale) {
+                    int NG, Geom g, bool dist, acc_t<T> scale, int splits) {
   using A = acc_t<T>;
   extern __shared__ __align__(16) unsigned char smem[];
-  const FwdSmem lay = fwd_smem<A>(g, C, Cv, dist);
+  const FwdSmem lay = fwd_smem<A>(g, C, Cv, dist, splits);
   A* qs = reinterpret_cast<A*>(smem + lay.q);
   A* ks = reinterpret_cast<A*>(smem + lay.k);
   A* vs = reinterpret_cast<A*>(smem + lay.v);
@@ -74,7 +75,8 @@ __global__ void __launch_bounds__(kThreads)
   A* lb = lse + plane * HW;
   const A sl2 = scale * log2e<A>();
 
-  for (int idx = threadIdx.x; idx < g.npix * g.L; idx += blockDim.x) buf[idx] = A(0);
+  const int part = g.npix * g.L;
+  for (int idx = threadIdx.x; idx < splits * part; idx += blockDim.x) buf[idx] = A(0);
   for (int p = threadIdx.x; p < g.npix; p += blockDim.x) {
     ms[p] = -INFINITY;
     ls[p] = A(0);
@@ -105,12 +107,13 @@ __global__ void __launch_bounds__(kThreads)
 
   for (int a = 0; a < g.ws; ++a) {
     if (a + 1 < g.ws) stage_row(a + g.TI);
-    for (int t = threadIdx.x; t < g.ndot; t += blockDim.x) dot_tile(t, buf, qs, C, ks, kn, g, a);
+    dot_split(buf, part, splits, qs, C, ks, kn, g, a);
     __syncthreads();
     for (int p = warp_id(); p < g.npix; p += num_warps()) {
       A* row = buf + p * g.L + (kRJ - 1);
       A mx = -INFINITY;
       for (int c = lane_id(); c < g.ws; c += 32) {
+        row[c] = sum_parts(row + c, part, splits);
         const A s = row[c] * sl2;
         mx = s > mx ? s : mx;
       }
@@ -295,9 +298,9 @@ __global__ void __launch_bounds__(kThreads)
     if (a + 1 < g.ws) stage_row(a + g.TI);
     for (int t = threadIdx.x; t < 2 * g.ndot; t += blockDim.x) {
       if (t < g.ndot)
-        dot_tile(t, bs, qs, C, ks, kn, g, a);
+        dot_tile(t, bs, qs, 0, C, ks, kn, g, a);
       else
-        dot_tile(t - g.ndot, bp, dys, Cv, vs, static_cast<const A*>(nullptr), g, a);
+        dot_tile(t - g.ndot, bp, dys, 0, Cv, vs, static_cast<const A*>(nullptr), g, a);
     }
     __syncthreads();
     for (int p = warp_id(); p < g.npix; p += num_warps()) {
@@ -441,9 +444,9 @@ __global__ void __launch_bounds__(kThreads)
     if (a + 1 < g.ws) stage_row(a + g.TI);
     for (int t = threadIdx.x; t < 2 * g.ndot; t += blockDim.x) {
       if (t < g.ndot)
-        dot_tile(t, bs, ks, C, qr, static_cast<const A*>(nullptr), g, a);
+        dot_tile(t, bs, ks, 0, C, qr, static_cast<const A*>(nullptr), g, a);
       else
-        dot_tile(t - g.ndot, bp, vs, Cv, dyr, static_cast<const A*>(nullptr), g, a);
+        dot_tile(t - g.ndot, bp, vs, 0, Cv, dyr, static_cast<const A*>(nullptr), g, a);
     }
     __syncthreads();
     for (int p = warp_id(); p < g.npix; p += num_warps()) {
@@ -542,15 +545,16 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& q_, const at::Tensor
     constexpr int RC = AccumChannels<scalar_t>::value;
     const int NG = groups_for(s.Cv, RC);
     const Launch l = choose_launch(
-        int(s.H), int(s.W), ws, NG, 1,
-        [&](const Geom& g) { return fwd_smem<A>(g, int(s.C), int(s.Cv), distance).bytes; }, "attention_forward");
+        int(s.H), int(s.W), ws, NG, 1, max_dot_splits(s.C),
+        [&](const Geom& g, int splits) { return fwd_smem<A>(g, int(s.C), int(s.Cv), distance, splits).bytes; },
+        "attention_forward");
     auto kernel = attn_fwd_kernel<scalar_t, RC>;
     allow_smem(kernel, l.smem);
     const dim3 grid(unsigned((s.H + l.g.TI - 1) / l.g.TI * l.g.tiles_j), unsigned(s.B * s.G));
     kernel<<<grid, l.threads, l.smem, c10::cuda::getCurrentCUDAStream()>>>(
         q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
         distance ? knorm.data_ptr<A>() : nullptr, y.data_ptr<scalar_t>(), lse.data_ptr<A>(), int(s.C), int(s.Cv), NG,
-        l.g, distance, A(scale));
+        l.g, distance, A(scale), l.splits);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {y, lse};
@@ -595,8 +599,8 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& q_, const at::Tenso
     if (dq.numel() > 0) {
       const int NG = groups_for(s.C, RC);
       const Launch l = choose_launch(
-          int(s.H), int(s.W), ws, NG, 2,
-          [&](const Geom& g) { return dq_smem<A>(g, int(s.C), int(s.Cv), distance).bytes; },
+          int(s.H), int(s.W), ws, NG, 2, 1,
+          [&](const Geom& g, int) { return dq_smem<A>(g, int(s.C), int(s.Cv), distance).bytes; },
           "attention_backward (dq)");
       auto kernel = attn_bwd_dq_kernel<scalar_t, RC>;
       allow_smem(kernel, l.smem);
@@ -611,8 +615,8 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& q_, const at::Tenso
       const int ngk = groups_for(s.C, RC), ngv = groups_for(s.Cv, RC);
       const int NG = ngk > ngv ? ngk : ngv;
       const Launch l = choose_launch(
-          int(s.H), int(s.W), ws, NG, 2,
-          [&](const Geom& g) { return dkv_smem<A>(g, int(s.C), int(s.Cv), distance).bytes; },
+          int(s.H), int(s.W), ws, NG, 2, 1,
+          [&](const Geom& g, int) { return dkv_smem<A>(g, int(s.C), int(s.Cv), distance).bytes; },
           "attention_backward (dk, dv)");
       auto kernel = attn_bwd_dkdv_kernel<scalar_t, RC>;
       allow_smem(kernel, l.smem);

@@ -13,14 +13,14 @@ struct SimSmem {
 };
 
 template <typename A>
-__host__ __device__ SimSmem sim_smem(const Geom& g, int C, bool dist) {
+__host__ __device__ SimSmem sim_smem(const Geom& g, int C, bool dist, int splits) {
   Bump b;
   SimSmem s;
   s.q = b.take((long long)C * g.npix * sizeof(A));
   s.k = b.take((long long)(C > 0 ? C : 1) * g.ps * sizeof(A));
   s.kn = b.take(dist ? (long long)g.nslots * g.rs * sizeof(A) : 0);
   s.qn = b.take(dist ? (long long)g.npix * sizeof(A) : 0);
-  s.buf = b.take((long long)g.npix * g.L * sizeof(A));
+  s.buf = b.take((long long)splits * g.npix * g.L * sizeof(A));
   s.cmap = b.take((long long)g.cols * sizeof(int));
   s.bytes = b.bytes;
   return s;
@@ -28,15 +28,15 @@ __host__ __device__ SimSmem sim_smem(const Geom& g, int C, bool dist) {
 
 // S[p, a*ws + c] = q_p . k_{p + (a-r, c-r)}   (distance: -|q_p - k_.|^2 / 2, expanded as
 // q.k - |q|^2/2 - |k|^2/2 with the norms taken once per pixel, those of k by pixel_norms).
-// One window row per step; the step's (pixel, column) buffer is written out by warps, one
-// pixel's ws values at a time.
+// One window row per step; the step's (pixel, column) buffers (one per channel part) are added
+// and written out by warps, one pixel's ws values at a time.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     similarity_kernel(const T* __restrict__ q, const T* __restrict__ k, const acc_t<T>* __restrict__ knorm,
-                      T* __restrict__ S, int C, Geom g, bool dist) {
+                      T* __restrict__ S, int C, Geom g, bool dist, int splits) {
   using A = acc_t<T>;
   extern __shared__ __align__(16) unsigned char smem[];
-  const SimSmem lay = sim_smem<A>(g, C, dist);
+  const SimSmem lay = sim_smem<A>(g, C, dist, splits);
   A* qs = reinterpret_cast<A*>(smem + lay.q);
   A* ks = reinterpret_cast<A*>(smem + lay.k);
   A* kn = dist ? reinterpret_cast<A*>(smem + lay.kn) : nullptr;
@@ -68,7 +68,7 @@ __global__ void __launch_bounds__(kThreads)
 
   for (int a = 0; a < g.ws; ++a) {
     if (a + 1 < g.ws) stage_row(a + g.TI);
-    for (int t = threadIdx.x; t < g.ndot; t += blockDim.x) dot_tile(t, buf, qs, C, ks, kn, g, a);
+    dot_split(buf, g.npix * g.L, splits, qs, C, ks, kn, g, a);
     __syncthreads();
     for (int p = warp_id(); p < g.npix; p += num_warps()) {
       const int i = p / g.TJ, jj = p - i * g.TJ;
@@ -76,7 +76,8 @@ __global__ void __launch_bounds__(kThreads)
       const A sub = dist ? A(0.5) * qn[p] : A(0);
       const A* src = buf + p * g.L + (kRJ - 1);
       T* dst = Sb + (int64_t(i0 + i) * g.W + (j0 + jj)) * K + int64_t(a) * g.ws;
-      for (int c = lane_id(); c < g.ws; c += 32) dst[c] = static_cast<T>(src[c] - sub);
+      for (int c = lane_id(); c < g.ws; c += 32)
+        dst[c] = static_cast<T>(sum_parts(src + c, g.npix * g.L, splits) - sub);
     }
     cp_async_wait();
     __syncthreads();
@@ -223,14 +224,14 @@ at::Tensor similarity(const at::Tensor& q_, const at::Tensor& k_, int64_t window
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "circatt_similarity", [&] {
     using A = acc_t<scalar_t>;
     const Launch l = choose_launch(
-        int(H), int(W), ws, 0, 1, [&](const Geom& g) { return sim_smem<A>(g, int(C), distance).bytes; },
-        "similarity");
+        int(H), int(W), ws, 0, 1, max_dot_splits(C),
+        [&](const Geom& g, int splits) { return sim_smem<A>(g, int(C), distance, splits).bytes; }, "similarity");
     auto kernel = similarity_kernel<scalar_t>;
     allow_smem(kernel, l.smem);
     const dim3 grid(unsigned((H + l.g.TI - 1) / l.g.TI * l.g.tiles_j), unsigned(B * G));
     kernel<<<grid, l.threads, l.smem, c10::cuda::getCurrentCUDAStream()>>>(
         q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), distance ? knorm.data_ptr<A>() : nullptr,
-        S.data_ptr<scalar_t>(), int(C), l.g, distance);
+        S.data_ptr<scalar_t>(), int(C), l.g, distance, l.splits);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return S;
@@ -260,7 +261,8 @@ at::Tensor apply(const at::Tensor& A_, const at::Tensor& x_, int64_t window, boo
     const int chunks = int((C + NG * RC - 1) / (NG * RC));
     check_planes(B * G, chunks);
     const Launch l = choose_launch(
-        int(H), int(W), ws, NG, 0, [&](const Geom& g) { return apply_smem<A>(g, NG * RC).bytes; }, "apply");
+        int(H), int(W), ws, NG, 0, 1, [&](const Geom& g, int) { return apply_smem<A>(g, NG * RC).bytes; },
+        "apply");
     auto kernel = apply_kernel<scalar_t, RC>;
     allow_smem(kernel, l.smem);
     const dim3 grid(unsigned((H + l.g.TI - 1) / l.g.TI * l.g.tiles_j), unsigned(B * G), unsigned(chunks));

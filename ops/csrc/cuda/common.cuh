@@ -198,11 +198,12 @@ template <> __device__ __forceinline__ void load4<double>(double (&d)[4], const 
 }
 
 // Dot loop, one thread tile: pixels jj0..jj0+3 of tile row i against window columns
-// c0..c0+7 of window row a:  buf[p][c] = sum_ch tile[ch][p] * ring[ch][(i+a) mod (TI+1)][jj + c]
+// c0..c0+7 of window row a, over channels [ch0, ch1):
+//   buf[p][c] = sum_ch tile[ch][p] * ring[ch][(i+a) mod (TI+1)][jj + c]
 // (minus norms/2 of the ring column when `rnorm` is given). Tiles are numbered with the pixel
 // group fastest, then the tile row, so that a warp reads 32 distinct banks of the ring.
 template <typename A>
-__device__ __forceinline__ void dot_tile(int t, A* __restrict__ buf, const A* __restrict__ tile, int C,
+__device__ __forceinline__ void dot_tile(int t, A* __restrict__ buf, const A* __restrict__ tile, int ch0, int ch1,
                                          const A* __restrict__ ring, const A* __restrict__ rnorm, const Geom& g,
                                          int a) {
   const int ngj = g.TJ / kDJ;
@@ -218,7 +219,7 @@ __device__ __forceinline__ void dot_tile(int t, A* __restrict__ buf, const A* __
 #pragma unroll
     for (int c = 0; c < kDC; ++c) acc[p][c] = A(0);
 #pragma unroll 2
-  for (int ch = 0; ch < C; ++ch) {
+  for (int ch = ch0; ch < ch1; ++ch) {
     A qv[kDJ];
     load4<A>(qv, qp + ch * g.npix);
     A kv[kDJ + kDC - 1];
@@ -242,6 +243,27 @@ __device__ __forceinline__ void dot_tile(int t, A* __restrict__ buf, const A* __
       }
     }
   }
+}
+
+// All dot tiles of window row a, with the channels cut into `splits` near-equal parts so that
+// more threads share the step: part s writes its partial sums to buf + s * stride (the norms
+// term goes with part 0). Readers add the parts with sum_parts().
+template <typename A>
+__device__ __forceinline__ void dot_split(A* __restrict__ buf, int stride, int splits, const A* __restrict__ tile,
+                                          int C, const A* __restrict__ ring, const A* __restrict__ rnorm,
+                                          const Geom& g, int a) {
+  const int per = (C + splits - 1) / splits;
+  for (int t = threadIdx.x; t < g.ndot * splits; t += blockDim.x) {
+    const int s = t / g.ndot, ch0 = s * per;
+    dot_tile(t - s * g.ndot, buf + s * stride, tile, ch0, min(C, ch0 + per), ring, s == 0 ? rnorm : nullptr, g, a);
+  }
+}
+
+template <typename A>
+__device__ __forceinline__ A sum_parts(const A* at, int stride, int splits) {
+  A v = at[0];
+  for (int s = 1; s < splits; ++s) v += at[s * stride];
+  return v;
 }
 
 // Accumulate loop of one thread: pixels jj0..jj0+7 of tile row i, channels chbase + rc*chstride:
@@ -352,14 +374,19 @@ struct Launch {
   int threads;
   int smem;
   int accum_threads;  // threads owning accumulators: TI * TJ/kRJ * groups
+  int splits;         // channel parts of the dot loop (dot_split)
 };
 
+// Dot-loop channel parts worth having for C channels: at least 8 channels a part, at most 4 parts.
+inline int max_dot_splits(int64_t C) { return C >= 32 ? 4 : (C >= 16 ? int(C / 8) : 1); }
+
 // Picks the largest tile whose shared memory lets two blocks share a multiprocessor (else the
-// largest that fits at all) and whose accumulating threads fit one block. smem_of(Geom) gives
-// the bytes; `groups` is the number of channel groups of the accumulate loop (0: none);
-// `dots` the number of dot loops per window row.
+// largest that fits at all) and whose accumulating threads fit one block; for that tile, the most
+// dot-loop channel parts (up to max_splits) whose threads and shared memory still fit.
+// smem_of(Geom, splits) gives the bytes; `groups` is the number of channel groups of the
+// accumulate loop (0: none); `dots` the number of dot loops per window row.
 template <typename SmemOf>
-Launch choose_launch(int H, int W, int ws, int groups, int dots, SmemOf smem_of, const char* op) {
+Launch choose_launch(int H, int W, int ws, int groups, int dots, int max_splits, SmemOf smem_of, const char* op) {
   static const int cand[][2] = {{4, 32}, {2, 32}, {4, 16}, {1, 32}, {2, 16}, {4, 8}, {1, 16}, {2, 8}, {1, 8}};
   const int hard = smem_optin();
   const int soft = hard / 2 - 1024;
@@ -371,14 +398,18 @@ Launch choose_launch(int H, int W, int ws, int groups, int dots, SmemOf smem_of,
       const int acc_threads = TI * (TJ / kRJ) * groups;
       if (acc_threads > kThreads) continue;
       const Geom g = make_geom(H, W, ws, TI, TJ);
-      const int bytes = smem_of(g);
-      if (bytes > (pass == 0 ? soft : hard)) continue;
-      int threads = acc_threads > g.ndot * dots ? acc_threads : g.ndot * dots;
-      threads = (threads + 31) / 32 * 32;
-      if (threads > kThreads) threads = kThreads;
-      if (threads < 64) threads = 64;
-      if (threads < acc_threads) continue;
-      return Launch{g, threads, bytes, acc_threads};
+      for (int splits = max_splits; splits >= 1; --splits) {
+        if (splits > 1 && g.ndot * dots * splits > kThreads) continue;
+        const int bytes = smem_of(g, splits);
+        if (bytes > (pass == 0 ? soft : hard)) continue;
+        const int dot_threads = g.ndot * dots * splits;
+        int threads = acc_threads > dot_threads ? acc_threads : dot_threads;
+        threads = (threads + 31) / 32 * 32;
+        if (threads > kThreads) threads = kThreads;
+        if (threads < 64) threads = 64;
+        if (threads < acc_threads) continue;
+        return Launch{g, threads, bytes, acc_threads, splits};
+      }
     }
   }
   TORCH_CHECK(false, "circatt cuda: ", op, ": window ", ws,
