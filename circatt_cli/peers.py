@@ -186,7 +186,11 @@ def flex_circular_attention(q: Tensor, k: Tensor, v: Tensor, *, block_mask: Bloc
     """Compiled FlexAttention on (B, G, N, d) with the circular block mask; for distance, the per-key
     bias -|k|^2 / (2 sqrt(d)) turns the scaled dot logits into the distance logits (up to a row constant)."""
     bias = _distance_bias(k, 1.0 / math.sqrt(q.shape[-1])) if kind == "distance" else None
-    return _compiled_flex()(q, k, v, block_mask, bias)
+    # Each shape, dtype and grad mode is its own compilation (dynamic=False); past dynamo's default
+    # recompile limit (8) a bench run of several groups would silently fall back to eager Flex, tens
+    # of times slower. Allow more, and fail loudly rather than fall back.
+    with torch._dynamo.config.patch(recompile_limit=256, fail_on_recompile_limit_hit=True):
+        return _compiled_flex()(q, k, v, block_mask, bias)
 
 
 def bccb_attention(q: Tensor, k: Tensor, v: Tensor, *, case: Case) -> Tensor:
