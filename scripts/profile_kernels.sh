@@ -2,11 +2,12 @@
 # Nsight Compute profile of the CUDA kernels at one shape (docs/kernels.md, open problems 2-3):
 #     scripts/profile_kernels.sh [train|S1|S2]
 # On the GPU machine (Firecracker runtime: ncu reads the counters there). Profiles one call of each
-# entry point (similarity, apply, apply transposed, fused forward, fused backward) after a warm-up, with
-# the sections that say what bounds a kernel: speed of light, occupancy, launch statistics, memory
+# entry point (similarity, apply, apply transposed, fused forward, fused backward) after a warm-up,
+# bracketing the profiled round with cudaProfilerStart/Stop so that the backward's launches from
+# autograd's thread are caught too (an NVTX range caught only the forward's), with the sections that say what bounds a kernel: speed of light, occupancy, launch statistics, memory
 # workload, scheduler and warp-state statistics. The clocks are left alone (--clock-control none).
-# Writes $OUT/profile-SHAPE.ncu-rep and a text summary $OUT/profile-SHAPE.txt. Written for the next
-# session of kernel work; not yet run.
+# Writes $OUT/profile-SHAPE.ncu-rep and its details page as text, $OUT/profile-SHAPE.txt (every
+# section's metrics and ncu's own remarks, per kernel).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 shape=${1:-train}
@@ -27,18 +28,19 @@ import circatt_ops as ca
 B, C, H, W, window, heads = map(int, sys.argv[1:7])
 kind = sys.argv[7]
 q, k, v = (torch.randn(B, C, H, W, device="cuda", requires_grad=True) for _ in range(3))
-for i in range(2):  # round0: warm-up (and the build); round1: profiled
-    torch.cuda.nvtx.range_push(f"round{i}")
+for i in range(2):  # round 0: warm-up (and the build); round 1: profiled, backward included
+    if i == 1:
+        torch.cuda.profiler.start()  # ncu runs with --profile-from-start off
     A = ca.adjacency(q, k, window, kind=kind, heads=heads)
     y = A.apply(v) + A.apply_transposed(v)
     y = y + ca.attention(q, k, v, window, kind=kind, heads=heads)
     y.sum().backward()
     torch.cuda.synchronize()
-    torch.cuda.nvtx.range_pop()
+torch.cuda.profiler.stop()
 PY
-ncu --clock-control none --kernel-name-base demangled --kernel-name regex:circatt:: --nvtx --nvtx-include "round1/" \
+ncu --clock-control none --kernel-name-base demangled --kernel-name regex:circatt:: --profile-from-start off \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
-    --section SchedulerStats --section WarpStateStats \
+    --section SchedulerStats --section WarpStateStats --section ComputeWorkloadAnalysis \
     -o "$out/profile-$shape" -f python3 /tmp/circatt_profile_calls.py $args
-ncu --import "$out/profile-$shape.ncu-rep" --print-summary per-kernel > "$out/profile-$shape.txt"
-tail -60 "$out/profile-$shape.txt"
+ncu --import "$out/profile-$shape.ncu-rep" --page details --print-units base > "$out/profile-$shape.txt"
+grep -E "circatt::|Duration|Compute \\(SM\\) Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Block Size|Dynamic Shared" "$out/profile-$shape.txt" | head -120
