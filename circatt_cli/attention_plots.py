@@ -16,8 +16,6 @@ from matplotlib.patches import Rectangle
 
 import circatt_ops as ca
 
-from .data import LUMA
-
 OVERVIEW_DOTS = 512
 ZOOM_ROWS = 256
 
@@ -65,13 +63,6 @@ def effective_neighbours(G: ca.Circulant) -> np.ndarray:
     p = p / p.sum(-1, keepdim=True).clamp_min(1e-300)
     entropy = -(p * torch.log(p.clamp_min(1e-300))).sum(-1)
     return torch.exp(entropy).float().cpu().numpy()
-
-
-def luma(pixels: np.ndarray) -> np.ndarray:
-    """(H, W, C) in [0, 1] -> (H, W) gray for display and for picking pixels."""
-    if pixels.shape[2] == 1:
-        return pixels[..., 0]
-    return pixels[..., :3] @ np.array(LUMA, dtype=np.float32)
 
 
 def _local_mean(x: torch.Tensor, size: int) -> torch.Tensor:

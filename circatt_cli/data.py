@@ -9,29 +9,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .imageio import ImageData, decode_image, quantize, read_image
+from .imageio import ImageData, decode_image, quantize, read_image, to_channels
 from .paths import image_files
-
-LUMA = (0.299, 0.587, 0.114)
 
 
 class DataError(Exception):
     """Training or evaluation input (images, a pack, a checkpoint) that cannot be used; one line for the user."""
 
 
-def to_luma(rgb: np.ndarray) -> np.ndarray:
-    """ITU-R 601 luma of an (H, W, 3) uint8 image, rounded back to uint8 (as BSD68 was made from CBSD68)."""
-    y = rgb.astype(np.float64) @ np.asarray(LUMA)
-    return np.clip(np.rint(y), 0, 255).astype(np.uint8)
-
-
 def to_uint8(image: ImageData, channels: int) -> np.ndarray:
     """(H, W, channels) uint8 of a read image, the field's 8-bit convention: 16-bit samples rounded to 8 bits,
-    alpha dropped, RGB -> luma for one channel, gray repeated for three."""
-    pixels = quantize(image.pixels, 8)
-    if image.channels == channels:
-        return pixels
-    return to_luma(pixels)[..., None] if channels == 1 else np.repeat(pixels, channels, axis=2)
+    alpha dropped, channels matched to the model by `imageio.to_channels` (RGB -> 8-bit luma for gray)."""
+    return quantize(to_channels(image.pixels, channels), 8)
 
 
 def read_pack(path: Path) -> dict[str, bytes]:

@@ -307,7 +307,7 @@ def denoise(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file (one input) or folder. Default: <stem>_denoised.<ext> beside each input.")] = None,
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Also take images in subfolders of folder inputs.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace existing output files (inputs are never overwritten).")] = False,
-    model: Annotated[Optional[str], typer.Option(help="gray, color, or a weights file. Default: chosen from the image.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="gray, color, or a weights file. Default: chosen from the image. A gray model denoises each channel of a colour image on its own, so the colours stay.")] = None,
     sigma: Annotated[Optional[float], typer.Option(min=0, max=255, help="Noise level on the 0-255 scale. Default: estimated per image.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N. CUDA asked for and absent is an error.")] = "auto",
     tile: Annotated[Optional[int], typer.Option(min=tiling.MIN_TILE, help="Tile side in pixels. Default: chosen from free memory.")] = None,

@@ -56,7 +56,8 @@ def add_noise(clean: Tensor, name: str, sigma: float) -> Tensor:
 
 
 def load_image(path: Path, channels: int) -> Tensor:
-    """(1, channels, H, W) float in [0, 1]; RGB files become luma for a gray model, gray files RGB copies."""
+    """(1, channels, H, W) float in [0, 1] at 8 bits; RGB files become 8-bit luma for a gray model, gray files
+    RGB copies (data.to_uint8)."""
     array = to_uint8(read_image(path), channels)
     return torch.from_numpy(array).permute(2, 0, 1)[None].float() / 255.0
 
@@ -249,7 +250,7 @@ def run_eval(
 
 
 def eval_command(
-    model: str = typer.Option("gray", "--model", help="'gray', 'color' or a .safetensors path."),
+    model: str = typer.Option("gray", "--model", help="'gray', 'color' or a .safetensors path. A gray model is scored on the 8-bit luma of colour images."),
     data: list[Path] = typer.Option(..., "--data", help="A folder of clean images; repeat --data for more."),
     sigma: list[str] = typer.Option(["15,25,50"], "--sigma", help="Noise levels on the 0-255 scale: repeat, or 15,25,50."),
     estimate_sigma_: bool = typer.Option(False, "--estimate-sigma", help="Also run with the estimated sigma (MAD)."),

@@ -27,6 +27,8 @@ ALPHA_FORMATS = {"PNG", "TIFF", "WEBP"}
 ICC_FORMATS = {"PNG", "JPEG", "TIFF", "WEBP"}
 EXIF_FORMATS = {"PNG", "JPEG", "TIFF", "WEBP"}
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+# ITU-R BT.601 weights of R, G and B in luma.
+LUMA = (0.299, 0.587, 0.114)
 
 
 class ImageError(Exception):
@@ -173,6 +175,21 @@ def quantize(pixels: np.ndarray, bits: int) -> np.ndarray:
         raise ImageError("the result has NaN or infinite values; nothing was written")
     top = 65535 if bits == 16 else 255
     return np.rint(np.clip(pixels, 0.0, 1.0) * top).astype(np.uint16 if bits == 16 else np.uint8)
+
+
+def luma(pixels: np.ndarray) -> np.ndarray:
+    """ITU-R BT.601 luma (H, W, 1) of (H, W, 3) float pixels in [0, 1], at 8 bits: the luma of the 8-bit
+    samples rounded to an 8-bit level, the way the gray benchmarks were made (BSD68 from CBSD68)."""
+    levels = np.rint(quantize(pixels, 8).astype(np.float64) @ np.asarray(LUMA))
+    return (levels.astype(np.float32) / 255.0)[..., None]
+
+
+def to_channels(pixels: np.ndarray, channels: int) -> np.ndarray:
+    """(H, W, C) pixels with `channels` channels for a model: RGB becomes its `luma` for one channel and
+    gray is repeated for three (pixels that already fit are returned as they are)."""
+    if pixels.shape[2] == channels:
+        return pixels
+    return luma(pixels) if channels == 1 else np.repeat(pixels, channels, axis=2)
 
 
 def _alpha_at(alpha: np.ndarray, bits: int) -> np.ndarray:

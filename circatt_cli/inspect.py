@@ -18,7 +18,7 @@ import circatt_ops as ca
 from . import attention_plots as plots
 from .denoise import Models, estimate, to_tensor
 from .devices import resolve_device
-from .imageio import ImageData, ImageError, read_image
+from .imageio import ImageError, read_image, to_channels
 from .weights import WeightsError
 
 
@@ -43,15 +43,6 @@ def chosen_pixels(texts: list[str], gray: np.ndarray) -> dict[str, tuple[int, in
             raise typer.BadParameter(f"pixel ({y}, {x}) is outside the {H}x{W} image", param_hint="--pixel")
         pixels[f"{y},{x}"] = (y, x)
     return pixels
-
-
-def model_image(image: ImageData, channels: int) -> np.ndarray:
-    """The image's pixels with the model's channel count: luma for a gray model, gray repeated for a colour one."""
-    if image.channels == channels:
-        return image.pixels
-    if channels == 1:
-        return plots.luma(image.pixels)[..., None]
-    return np.repeat(image.pixels, channels, axis=2)
 
 
 def export(G: ca.Circulant, path: Path, layer: int, image_size: tuple[int, int]) -> None:
@@ -101,7 +92,7 @@ def inspect_attention(
     layer: Annotated[Optional[int], typer.Option(min=1, help="Iteration whose adjacency to show (1-based). Default: the last.")] = None,
     pixel: Annotated[Optional[list[str]], typer.Option(help="Y,X of a pixel to show (repeatable). Default: an edge, a texture and a flat pixel.")] = None,
     export_path: Annotated[Optional[Path], typer.Option("--export", help="Save the adjacency (values and torch sparse CSR) to this file.")] = None,
-    model: Annotated[Optional[str], typer.Option(help="gray, color, or a weights file. Default: chosen from the image.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="gray, color, or a weights file. Default: chosen from the image. A gray model sees a colour image's 8-bit luma, as in eval.")] = None,
     sigma: Annotated[Optional[float], typer.Option(min=0, max=255, help="Noise level on the 0-255 scale. Default: estimated.")] = None,
     bccb: Annotated[bool, typer.Option("--bccb", help="Also draw the global BCCB kernel of the same features.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
@@ -115,8 +106,8 @@ def inspect_attention(
     try:
         image = read_image(image_path)
         net = models.get(image.channels)
-        pixels_in = model_image(image, net.config.channels)
-        gray = plots.luma(image.pixels)
+        pixels_in = to_channels(image.pixels, net.config.channels)
+        gray = to_channels(image.pixels, 1)[..., 0]
         picks = chosen_pixels(pixel or [], gray)
         layer = layer or net.config.iterations
         if layer > net.config.iterations:

@@ -444,7 +444,7 @@ def validate(model: GroupCDL, opts: TrainOptions) -> float:
 def train_command(
     data: Path = typer.Argument(..., help="Folder of training images, or a pack from scripts/pack_data.py."),
     out: Path = typer.Option(..., "--out", help="Run folder: last.pt checkpoint and log.jsonl."),
-    preset: str = typer.Option("gray", "--preset", help="Model preset: gray or color."),
+    preset: str = typer.Option("gray", "--preset", help="Model preset: gray or color. gray trains on the 8-bit luma of colour images."),
     steps: int = typer.Option(20000, "--steps", min=1, help="Total steps (the schedule spans them)."),
     batch: int = typer.Option(12, "--batch", min=1, help="Crops per step per process."),
     crop: int = typer.Option(128, "--crop", min=2, help="Crop side in pixels."),

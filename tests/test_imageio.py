@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms
 
-from circatt_cli.imageio import ImageError, quantize, read_image, write_image
+from circatt_cli.imageio import ImageError, luma, quantize, read_image, to_channels, write_image
 
 
 def _rgb(h: int = 12, w: int = 10, seed: int = 0) -> np.ndarray:
@@ -23,6 +23,22 @@ def test_rgb_round_trip(tmp_path, ext):
     back = np.asarray(Image.open(tmp_path / f"b{ext}").convert("RGB")).astype(int)
     tolerance = 6 if ext == ".jpg" else 0
     assert np.abs(back - np.asarray(Image.open(src).convert("RGB")).astype(int)).max() <= tolerance
+
+
+def test_luma_is_bt601_rounded_to_eight_bits():
+    rgb = np.array([[[255, 0, 0], [0, 255, 0], [0, 0, 255], [10, 20, 30], [255, 255, 255]]], dtype=np.uint8)
+    y = luma(rgb.astype(np.float32) / 255.0)
+    assert y.shape == (1, 5, 1) and y.dtype == np.float32
+    levels = np.array([[76, 150, 29, 18, 255]], dtype=np.float32)  # rint(0.299 R + 0.587 G + 0.114 B)
+    assert np.array_equal(y[..., 0], levels / 255.0)
+
+
+def test_to_channels_matches_a_model():
+    rgb = _rgb().astype(np.float32) / 255.0
+    assert np.array_equal(to_channels(rgb, 1), luma(rgb))
+    assert to_channels(rgb, 3) is rgb
+    gray = rgb[..., :1]
+    assert np.array_equal(to_channels(gray, 3), np.repeat(gray, 3, axis=2))
 
 
 @pytest.mark.parametrize("ext", [".png", ".tif"])

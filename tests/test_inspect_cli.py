@@ -8,6 +8,8 @@ from PIL import Image
 
 import circatt_ops as ca
 from circatt_cli import attention_plots as plots
+from circatt_cli.evaluate import load_image
+from circatt_cli.weights import load_model
 from synthetic import noisy
 
 PNGS = ("adjacency_pattern.png", "attention_pixels.png", "effective_neighbours.png")
@@ -40,6 +42,16 @@ def test_chosen_pixels_and_tiny_image(cli, tmp_path):
     assert "(3, 4) -> latent (1, 2)" in result.output
     for name in PNGS:
         assert (tmp_path / "o" / name).stat().st_size > 0
+
+
+def test_a_gray_model_sees_the_gray_image_that_eval_scores(cli, tmp_path):
+    """--model gray on a colour image shows the attention on the 8-bit luma that `circatt eval` uses."""
+    Image.fromarray(noisy(24, 30)).save(tmp_path / "rgb.png")
+    result = cli("inspect-attention", "rgb.png", "--model", "gray", "--out", "o", "--sigma", "25", "--export", "adj.pt")
+    assert result.exit_code == 0, result.output
+    net = load_model("gray")
+    G, _, _ = net.attention_at(load_image(tmp_path / "rgb.png", 1), torch.tensor([25 / 255]), net.config.iterations)
+    assert torch.equal(torch.load(tmp_path / "adj.pt", weights_only=False)["values"], G.values)
 
 
 def test_bad_pixel_layer_and_file(cli, tmp_path):
