@@ -18,6 +18,7 @@ from rich.table import Table
 from . import tiling
 from .devices import describe, resolve_device
 from .imageio import ImageData, ImageError, read_image, write_image
+from .noise import add_noise, estimate_sigma
 from .paths import Source, expand_inputs, output_for, output_is_file
 from .weights import WeightsError, load_model
 
@@ -91,15 +92,12 @@ def denoiser(model: torch.nn.Module, image: torch.Tensor, sigma: float) -> Calla
 
 def estimate(pixels: torch.Tensor) -> float:
     """The noise level of a (1, C, H, W) image on the [0, 1] scale."""
-    from .noise import estimate_sigma
-
     return float(estimate_sigma(pixels)[0])
 
 
-def add_noise(pixels: np.ndarray, sigma255: float, seed: int) -> np.ndarray:
-    """Add white Gaussian noise of `sigma255` (0-255 scale), reproducible by `seed`."""
-    rng = np.random.default_rng(seed)
-    return (pixels + rng.standard_normal(pixels.shape, dtype=np.float32) * (sigma255 / 255.0)).astype(np.float32)
+def noisy_pixels(pixels: np.ndarray, name: str, sigma255: float, seed: int | None) -> np.ndarray:
+    """--add-noise on (H, W, C) pixels: noise.add_noise (eval's noise for this file name unless `seed`)."""
+    return to_pixels(add_noise(to_tensor(pixels, torch.device("cpu")), name, sigma255, seed))
 
 
 def to_tensor(pixels: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -133,7 +131,7 @@ class Job:
     sigma255: float | None
     tile: int | None
     noise255: float | None
-    seed: int
+    seed: int | None
     jpeg_quality: int
     overwrite: bool
     reference: ImageData | None
@@ -185,7 +183,7 @@ def process(job: Job, source: Source, target: Path, progress: Progress, tiles_ta
     outcome = Outcome(source.path, size=f"{image.size[1]}x{image.size[0]}x{image.channels}, {image.bits}-bit")
     if job.reference is not None:
         check_reference(job.reference, image)
-    noisy = add_noise(image.pixels, job.noise255, job.seed) if job.noise255 else image.pixels
+    noisy = noisy_pixels(image.pixels, source.path.name, job.noise255, job.seed) if job.noise255 else image.pixels
     given = job.sigma255 is not None
     sigma = job.sigma255 / 255.0 if given else estimate(to_tensor(noisy, job.device))
     outcome.sigma = f"{sigma * 255:.1f}" + ("" if given else " (est.)")
@@ -312,8 +310,8 @@ def denoise(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N. CUDA asked for and absent is an error.")] = "auto",
     tile: Annotated[Optional[int], typer.Option(min=tiling.MIN_TILE, help="Tile side in pixels. Default: chosen from free memory.")] = None,
     jpeg_quality: Annotated[int, typer.Option(min=1, max=100, help="Quality of JPEG outputs (WebP is written lossless).")] = 95,
-    add_noise_sigma: Annotated[Optional[float], typer.Option("--add-noise", min=0, max=255, help="Demo: first add Gaussian noise of this sigma (0-255).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of --add-noise.")] = 0,
+    add_noise_sigma: Annotated[Optional[float], typer.Option("--add-noise", min=0, max=255, help="Demo: first add Gaussian noise of this sigma (0-255); without --seed, the noise `circatt eval` adds to a file of this name.")] = None,
+    seed: Annotated[Optional[int], typer.Option(min=0, max=2**32 - 1, help="Seed of --add-noise. Default: from the file name and sigma, as in eval.")] = None,
     reference: Annotated[Optional[Path], typer.Option(help="Clean image: report PSNR/SSIM of the input and the output.")] = None,
     debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
 ) -> None:

@@ -4,7 +4,6 @@ images, with the field's convention: fixed per-image noise, noisy input not clip
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import statistics
 from collections.abc import Callable, Iterator
@@ -24,7 +23,7 @@ from .devices import resolve_device
 from .imageio import ImageError, read_image
 from .metrics import psnr, ssim
 from .model import GroupCDL
-from .noise import estimate_sigma
+from .noise import add_noise, estimate_sigma
 from .paths import image_files
 from .weights import WeightsError, load_model
 
@@ -42,17 +41,6 @@ class Result:
     sigma_used: float
     psnr: float
     ssim: float
-
-
-def noise_seed(name: str, sigma: float) -> int:
-    """A seed from the file name and the noise level (0-255 scale), the same on every machine and run."""
-    return int.from_bytes(hashlib.sha256(f"{name}|{sigma:g}".encode()).digest()[:8], "little") >> 1
-
-
-def add_noise(clean: Tensor, name: str, sigma: float) -> Tensor:
-    """clean + N(0, (sigma/255)^2) with the image's fixed seed; the noisy image is not clipped."""
-    generator = torch.Generator().manual_seed(noise_seed(name, sigma))
-    return clean + torch.randn(clean.shape, generator=generator) * (sigma / 255.0)
 
 
 def load_image(path: Path, channels: int) -> Tensor:
@@ -117,7 +105,8 @@ def available_peers(names: list[str]) -> tuple[dict[str, Callable[[Tensor, float
 def evaluate_image(
     model: GroupCDL, clean: Tensor, dataset: str, name: str, sigma: float, estimate: bool, peers: dict
 ) -> Iterator[Result]:
-    """Score the model (true sigma; and estimated sigma when asked) and each peer on one noisy image."""
+    """Score the model (true sigma; and estimated sigma when asked) and each peer on one noisy image, whose
+    noise is seeded by the file name and sigma."""
     noisy = add_noise(clean, name, sigma)
 
     def score(method: str, out: Tensor, used: float) -> Result:
@@ -261,7 +250,8 @@ def eval_command(
     per_image: bool = typer.Option(False, "--per-image", help="Also print the per-image table."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
-    """PSNR / SSIM of a model on folders of clean images, with fixed-seed noise per image."""
+    """PSNR / SSIM of a model on folders of clean images, with fixed-seed noise per image (the noise that
+    `circatt denoise FILE --add-noise SIGMA` adds)."""
     _check_folders(data)
     for option, path in (("--json", json_path), ("--csv", csv_path)):
         if path is not None and not path.parent.is_dir():

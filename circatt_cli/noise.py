@@ -1,12 +1,29 @@
-"""Blind noise-level estimation: the median absolute deviation of the finest diagonal wavelet band."""
+"""Noise: the seeded white Gaussian noise that `circatt eval` and `circatt denoise --add-noise` add, and blind
+noise-level estimation (the median absolute deviation of the finest diagonal wavelet band)."""
 
 from __future__ import annotations
+
+import hashlib
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 MAD_TO_STD = 0.6745
+
+
+def file_seed(name: str, sigma255: float) -> int:
+    """A seed from a file name and a noise level (0-255 scale), the same on every machine and run."""
+    return int.from_bytes(hashlib.sha256(f"{name}|{sigma255:g}".encode()).digest()[:8], "little") >> 1
+
+
+def add_noise(clean: Tensor, name: str, sigma255: float, seed: int | None = None) -> Tensor:
+    """clean (B, C, H, W) + white Gaussian noise of std sigma255 / 255, not clipped, drawn on the CPU.
+
+    The generator is seeded with `seed`, or without one with `file_seed(name, sigma255)`: eval's noise for
+    that file, so that `circatt denoise FILE --add-noise SIGMA` gives eval's noisy image of FILE."""
+    generator = torch.Generator().manual_seed(file_seed(name, sigma255) if seed is None else seed)
+    return clean + torch.randn(clean.shape, generator=generator) * (sigma255 / 255.0)
 
 
 def haar_diagonal(img: Tensor) -> Tensor:

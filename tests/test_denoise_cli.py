@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from circatt_cli.denoise import noisy_pixels, to_pixels
+from circatt_cli.evaluate import load_image
+from circatt_cli.imageio import read_image
+from circatt_cli.noise import add_noise
 from circatt_cli.tiling import MIN_TILE, axis_windows, run_tiled, run_with_retry
 
-from synthetic import noisy, save
+from synthetic import noisy, save, smooth_images
 
 def test_gray_rgb_odd_and_tiny(cli, tmp_path):
     save(tmp_path / "gray.png", noisy(33, 47, 1))
@@ -179,6 +185,25 @@ def test_add_noise_and_reference(cli, tmp_path):
     first = (tmp_path / "out.png").read_bytes()
     cli("denoise", "clean.png", "--add-noise", "25", "--seed", "3", "-o", "out.png", "--overwrite")
     assert (tmp_path / "out.png").read_bytes() == first  # the seed makes it reproducible
+
+
+def test_add_noise_is_evals_noisy_image(tmp_path):
+    """For an 8-bit file and a sigma, --add-noise without --seed gives eval's noisy image of that file."""
+    path = save(tmp_path / "a.png", noisy(20, 24))
+    from_eval = to_pixels(add_noise(load_image(path, 3), "a.png", 25.0))
+    assert np.array_equal(noisy_pixels(read_image(path).pixels, "a.png", 25.0, seed=None), from_eval)
+    assert not np.array_equal(noisy_pixels(read_image(path).pixels, "a.png", 25.0, seed=1), from_eval)
+
+
+def test_denoise_reproduces_an_eval_score(cli, tmp_path):
+    """`denoise FILE --add-noise S --sigma S --reference FILE` prints the PSNR / SSIM that eval gives FILE at S."""
+    smooth_images(tmp_path / "set", 1, 24, 28, channels=3)
+    result = cli("eval", "--model", "color", "--data", "set", "--sigma", "25", "--json", "e.json", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    scored = json.loads((tmp_path / "e.json").read_text())["images"][0]
+    result = cli("denoise", "set/0.png", "--add-noise", "25", "--sigma", "25", "--reference", "set/0.png", "-o", "out.png")
+    assert result.exit_code == 0, result.output
+    assert f"-> {scored['psnr']:.2f}" in result.output and f"-> {scored['ssim']:.4f}" in result.output, result.output
 
 
 def test_forced_gray_model_on_colour_image(cli, tmp_path):

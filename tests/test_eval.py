@@ -18,9 +18,10 @@ def invoke(args: list[str]) -> tuple[int, str]:
     """Run the CLI; the output with rich's box drawing and line wrapping flattened to single spaces."""
     result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
     return result.exit_code, " ".join(result.output.replace("│", " ").split())
-from circatt_cli.evaluate import add_noise, available_peers, load_image, run_eval
+from circatt_cli.evaluate import available_peers, load_image, run_eval
 from circatt_cli.metrics import psnr
 from circatt_cli.model import GroupCDL, GroupCDLConfig
+from circatt_cli.noise import add_noise
 from circatt_cli.weights import save_model
 from synthetic import smooth_images
 
@@ -45,6 +46,8 @@ def test_noise_is_fixed_per_image_and_sigma():
     assert torch.equal(a, b)
     assert not torch.equal(a, add_noise(clean, "y.png", 25))
     assert not torch.equal(a, add_noise(clean, "x.png", 15))
+    assert torch.equal(add_noise(clean, "x.png", 25, seed=3), add_noise(clean, "y.png", 25, seed=3))
+    assert not torch.equal(a, add_noise(clean, "x.png", 25, seed=3))
     assert a.std().item() == pytest.approx(25 / 255, rel=0.3)
     assert a.min() < 0
 
