@@ -18,6 +18,7 @@ from rich.table import Table
 from . import tiling
 from .devices import describe, resolve_device
 from .imageio import ImageData, ImageError, read_image, write_image
+from .model import PRESETS, preset_for
 from .noise import add_noise, estimate_sigma
 from .paths import Source, expand_inputs, output_for, output_is_file
 from .weights import WeightsError, load_model
@@ -37,7 +38,7 @@ class Outcome:
 
 
 class Models:
-    """Loads each model once: `--model` if given, else gray or color to match the image."""
+    """Loads each model once: `--model` if given, else the preset that takes the image's channels."""
 
     def __init__(self, forced: str | None, device: torch.device) -> None:
         self.forced = forced
@@ -46,7 +47,7 @@ class Models:
 
     def spec_for(self, channels: int) -> str:
         """The model to use for an image with 1 or 3 channels."""
-        return self.forced or ("gray" if channels == 1 else "color")
+        return self.forced or preset_for(channels)
 
     def preload(self) -> None:
         """Load a forced --model now, so that a bad one is a usage error rather than one per image."""
@@ -305,7 +306,7 @@ def denoise(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file (one input) or folder. Default: <stem>_denoised.<ext> beside each input.")] = None,
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Also take images in subfolders of folder inputs.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace existing output files (inputs are never overwritten).")] = False,
-    model: Annotated[Optional[str], typer.Option(help="gray, color, or a weights file. Default: chosen from the image. A gray model denoises each channel of a colour image on its own, so the colours stay.")] = None,
+    model: Annotated[Optional[str], typer.Option(help=f"{', '.join(PRESETS)}, or a weights file. Default: chosen from the image. A gray model denoises each channel of a colour image on its own, so the colours stay.")] = None,
     sigma: Annotated[Optional[float], typer.Option(min=0, max=255, help="Noise level on the 0-255 scale. Default: estimated per image.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N. CUDA asked for and absent is an error.")] = "auto",
     tile: Annotated[Optional[int], typer.Option(min=tiling.MIN_TILE, help="Tile side in pixels. Default: chosen from free memory.")] = None,

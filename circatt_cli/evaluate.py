@@ -22,7 +22,7 @@ from .data import to_uint8
 from .devices import resolve_device
 from .imageio import ImageError, read_image
 from .metrics import psnr, ssim
-from .model import GroupCDL
+from .model import DEFAULT_PRESET, PRESETS, GroupCDL
 from .noise import add_noise, estimate_sigma
 from .paths import image_files
 from .weights import WeightsError, load_model
@@ -239,7 +239,7 @@ def run_eval(
 
 
 def eval_command(
-    model: str = typer.Option("gray", "--model", help="'gray', 'color' or a .safetensors path. A gray model is scored on the 8-bit luma of colour images."),
+    model: str = typer.Option(DEFAULT_PRESET, "--model", help=f"{', '.join(PRESETS)}, or a .safetensors path. A gray model is scored on the 8-bit luma of colour images."),
     data: list[Path] = typer.Option(..., "--data", help="A folder of clean images; repeat --data for more."),
     sigma: list[str] = typer.Option(["15,25,50"], "--sigma", help="Noise levels on the 0-255 scale: repeat, or 15,25,50."),
     estimate_sigma_: bool = typer.Option(False, "--estimate-sigma", help="Also run with the estimated sigma (MAD)."),

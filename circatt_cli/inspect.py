@@ -19,6 +19,7 @@ from . import attention_plots as plots
 from .denoise import Models, estimate, to_tensor
 from .devices import resolve_device
 from .imageio import ImageError, read_image, to_channels
+from .model import PRESETS
 from .weights import WeightsError
 
 
@@ -92,7 +93,7 @@ def inspect_attention(
     layer: Annotated[Optional[int], typer.Option(min=1, help="Iteration whose adjacency to show (1-based). Default: the last.")] = None,
     pixel: Annotated[Optional[list[str]], typer.Option(help="Y,X of a pixel to show (repeatable). Default: an edge, a texture and a flat pixel.")] = None,
     export_path: Annotated[Optional[Path], typer.Option("--export", help="Save the adjacency (values and torch sparse CSR) to this file.")] = None,
-    model: Annotated[Optional[str], typer.Option(help="gray, color, or a weights file. Default: chosen from the image. A gray model sees a colour image's 8-bit luma, as in eval.")] = None,
+    model: Annotated[Optional[str], typer.Option(help=f"{', '.join(PRESETS)}, or a weights file. Default: chosen from the image. A gray model sees a colour image's 8-bit luma, as in eval.")] = None,
     sigma: Annotated[Optional[float], typer.Option(min=0, max=255, help="Noise level on the 0-255 scale. Default: estimated.")] = None,
     bccb: Annotated[bool, typer.Option("--bccb", help="Also draw the global BCCB kernel of the same features.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",

@@ -35,14 +35,10 @@ class GroupCDLConfig:
 
     @classmethod
     def preset(cls, name: str) -> GroupCDLConfig:
-        """The authors' gray (C=1, K=30, M=169, Mh=64) or color (C=3, K=24, M=96, Mh=48) network."""
-        presets = {
-            "gray": cls(channels=1, iterations=30, filters=169, attn_channels=64),
-            "color": cls(channels=3, iterations=24, filters=96, attn_channels=48),
-        }
-        if name not in presets:
-            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(presets)}")
-        return presets[name]
+        """The config of a preset of PRESETS, by name."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return PRESETS[name]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -62,6 +58,26 @@ class GroupCDLConfig:
     def update_layers(self) -> list[int]:
         """1-based iterations at which the adjacency is computed (1) or refreshed (multiples of the period)."""
         return [1] + [k for k in range(2, self.iterations + 1) if k % self.update_period == 0]
+
+
+# The authors' networks by name: the one list of presets, from which the commands' choices, the shipped
+# weights' file names, the bench and train take theirs.
+PRESETS: dict[str, GroupCDLConfig] = {
+    "gray": GroupCDLConfig(channels=1, iterations=30, filters=169, attn_channels=64),
+    "color": GroupCDLConfig(channels=3, iterations=24, filters=96, attn_channels=48),
+}
+
+
+def preset_for(channels: int) -> str:
+    """The name of the preset whose network takes images of this many channels (1 or 3)."""
+    for name, config in PRESETS.items():
+        if config.channels == channels:
+            return name
+    raise ValueError(f"no preset takes {channels}-channel images")
+
+
+# The preset that eval and train use unless told otherwise: the gray network of the gray benchmarks.
+DEFAULT_PRESET = preset_for(1)
 
 
 def fit_window(window: int, height: int, width: int) -> int:

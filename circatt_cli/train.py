@@ -27,7 +27,7 @@ from .data import CropSampler, DataError, load_images
 from .devices import resolve_device
 from .imageio import ImageError
 from .metrics import psnr
-from .model import GroupCDL, GroupCDLConfig
+from .model import DEFAULT_PRESET, PRESETS, GroupCDL, GroupCDLConfig
 
 CHECKPOINT = "last.pt"
 LOG = "log.jsonl"
@@ -41,7 +41,7 @@ class TrainOptions:
 
     data: Path
     out: Path
-    preset: str = "gray"
+    preset: str = DEFAULT_PRESET
     config: GroupCDLConfig | None = None
     steps: int = 20000
     batch: int = 12
@@ -444,7 +444,7 @@ def validate(model: GroupCDL, opts: TrainOptions) -> float:
 def train_command(
     data: Path = typer.Argument(..., help="Folder of training images, or a pack from scripts/pack_data.py."),
     out: Path = typer.Option(..., "--out", help="Run folder: last.pt checkpoint and log.jsonl."),
-    preset: str = typer.Option("gray", "--preset", help="Model preset: gray or color. gray trains on the 8-bit luma of colour images."),
+    preset: str = typer.Option(DEFAULT_PRESET, "--preset", help=f"Model preset: {' or '.join(PRESETS)}. gray trains on the 8-bit luma of colour images."),
     steps: int = typer.Option(20000, "--steps", min=1, help="Total steps (the schedule spans them)."),
     batch: int = typer.Option(12, "--batch", min=1, help="Crops per step per process."),
     crop: int = typer.Option(128, "--crop", min=2, help="Crop side in pixels."),
@@ -462,8 +462,8 @@ def train_command(
     log_every: int = typer.Option(20, "--log-every", min=1),
 ) -> None:
     """Train GroupCDL on random noisy crops (blind over a range of noise levels); resumable, DDP under torchrun."""
-    if preset not in ("gray", "color"):
-        raise typer.BadParameter(f"{preset!r} is not a preset; choose gray or color", param_hint="--preset")
+    if preset not in PRESETS:
+        raise typer.BadParameter(f"{preset!r} is not a preset; choose {' or '.join(PRESETS)}", param_hint="--preset")
     if not data.exists():
         raise typer.BadParameter(f"{data} does not exist", param_hint="DATA")
     if val_dir is not None and not val_dir.is_dir():

@@ -13,10 +13,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .model import GroupCDL, GroupCDLConfig
+from .model import PRESETS, GroupCDL, GroupCDLConfig
 
 FORMAT = "circatt-groupcdl-1"
-PRESETS = ("gray", "color")
 
 
 class WeightsError(ValueError):
@@ -29,9 +28,9 @@ def weights_dir() -> Path:
     return Path(env) if env else Path(__file__).resolve().parents[1] / "weights"
 
 
-def default_weights(color: bool) -> Path:
-    """The shipped weights of the gray or the color model."""
-    return weights_dir() / f"groupcdl-{'color' if color else 'gray'}.safetensors"
+def preset_weights(name: str, folder: Path | None = None) -> Path:
+    """The weights file of a preset in `folder` (default: weights_dir()): groupcdl-NAME.safetensors."""
+    return (folder or weights_dir()) / f"groupcdl-{name}.safetensors"
 
 
 def card_path(path: Path) -> Path:
@@ -90,14 +89,12 @@ def _read(path: Path) -> tuple[GroupCDLConfig, dict[str, torch.Tensor]]:
 
 
 def resolve_spec(spec: str | Path) -> Path:
-    """'gray' / 'color' -> the shipped weights; anything else is a path."""
-    if str(spec) in PRESETS:
-        return default_weights(color=str(spec) == "color")
-    return Path(spec)
+    """A preset name (PRESETS) -> its shipped weights; anything else is a path."""
+    return preset_weights(str(spec)) if str(spec) in PRESETS else Path(spec)
 
 
 def load_model(spec: str | Path, device: str | torch.device = "cpu") -> GroupCDL:
-    """A GroupCDL in eval mode from 'gray', 'color' or a .safetensors path, after checking its sha256."""
+    """A GroupCDL in eval mode from a preset name or a .safetensors path, after checking its sha256."""
     path = resolve_spec(spec)
     if not path.is_file():
         hint = " (train one with `circatt train`, or set CIRCATT_WEIGHTS)" if str(spec) in PRESETS else ""

@@ -1,27 +1,11 @@
-"""Synthetic test images and tiny GroupCDL weights: the tests never touch real image data."""
+"""Synthetic test images: the tests never touch real image data (the tiny models are in conftest.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
-
-from circatt_cli.model import GroupCDL, GroupCDLConfig
-from circatt_cli.weights import save_model
-
-TINY = {"iterations": 5, "filters": 8, "attn_channels": 4, "window": 5}
-
-
-def save_tiny_models(folder: Path) -> Path:
-    """Tiny gray and color models under the shipped names in `folder` (for CIRCATT_WEIGHTS)."""
-    generator = torch.Generator().manual_seed(0)
-    for name, channels in (("gray", 1), ("color", 3)):
-        model = GroupCDL(GroupCDLConfig(channels=channels, **TINY), init=False)
-        model.reset_parameters(power_iterations=10, generator=generator)
-        save_model(model, folder / f"groupcdl-{name}.safetensors")
-    return folder
 
 
 def noisy(h: int, w: int, channels: int = 3, seed: int = 0) -> np.ndarray:

@@ -20,9 +20,9 @@ def invoke(args: list[str]) -> tuple[int, str]:
     return result.exit_code, " ".join(result.output.replace("│", " ").split())
 from circatt_cli.evaluate import available_peers, load_image, run_eval
 from circatt_cli.metrics import psnr
-from circatt_cli.model import GroupCDL, GroupCDLConfig
+from circatt_cli.model import preset_for
 from circatt_cli.noise import add_noise
-from circatt_cli.weights import save_model
+from circatt_cli.weights import preset_weights
 from synthetic import smooth_images
 
 
@@ -32,12 +32,9 @@ def folder(tmp_path):
 
 
 @pytest.fixture
-def weights(tmp_path):
-    torch.manual_seed(0)
-    model = GroupCDL(GroupCDLConfig(channels=1, iterations=3, filters=8, attn_channels=4, window=5))
-    path = tmp_path / "tiny.safetensors"
-    save_model(model, path)
-    return path
+def weights(tiny_weights):
+    """The tiny gray model's weights file."""
+    return preset_weights(preset_for(1), tiny_weights)
 
 
 def test_noise_is_fixed_per_image_and_sigma():

@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from circatt_cli.model import GroupCDL, GroupCDLConfig
 from circatt_cli.weights import load_model, save_model
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "make_card.py"
@@ -18,8 +17,8 @@ def result(dataset: str, image: str, sigma: float, method: str, value: float) ->
             "psnr": value, "ssim": value / 100}
 
 
-def test_make_card(tmp_path):
-    model = GroupCDL(GroupCDLConfig(channels=1, iterations=2, filters=8, attn_channels=4, window=5))
+def test_make_card(tiny_model, tmp_path):
+    model = tiny_model()
     exported = tmp_path / "export" / "groupcdl-gray.safetensors"
     config = save_model(model, exported, {"steps": 20})["config"]
     images = [result("A", "1.png", 25.0, "groupcdl", 30.0), result("A", "2.png", 25.0, "groupcdl", 31.0),

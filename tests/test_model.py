@@ -9,15 +9,9 @@ import torch
 
 import circatt_ops as ca
 from circatt_cli.metrics import psnr, ssim
-from circatt_cli.model import GroupCDL, GroupCDLConfig, fit_window
+from circatt_cli.model import PRESETS, GroupCDLConfig, fit_window, preset_for
 from circatt_cli.noise import estimate_sigma
-from circatt_cli.weights import WeightsError, card_path, load_model, save_model
-
-
-def tiny(channels: int = 1, **kw) -> GroupCDL:
-    torch.manual_seed(0)
-    cfg = GroupCDLConfig(channels=channels, iterations=kw.pop("iterations", 5), filters=8, attn_channels=4, window=5, **kw)
-    return GroupCDL(cfg)
+from circatt_cli.weights import WeightsError, card_path, load_model, preset_weights, save_model
 
 
 def smooth(batch: int, channels: int, h: int, w: int) -> torch.Tensor:
@@ -28,8 +22,8 @@ def smooth(batch: int, channels: int, h: int, w: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("size", [(8, 8), (16, 16), (13, 17), (1, 1), (1, 6), (3, 2)])
-def test_forward_shapes(channels, size):
-    model = tiny(channels)
+def test_forward_shapes(tiny_model, channels, size):
+    model = tiny_model(channels)
     y = torch.rand(2, channels, *size)
     out = model(y, torch.tensor([0.05, 0.1]))
     assert out.shape == y.shape and torch.isfinite(out).all()
@@ -44,10 +38,11 @@ def test_presets_and_window_shrink():
     assert [fit_window(35, h, w) for h, w in [(64, 64), (20, 30), (1, 9), (4, 4)]] == [35, 19, 1, 3]
     with pytest.raises(ValueError):
         GroupCDLConfig.preset("sepia")
+    assert [PRESETS[preset_for(c)].channels for c in (1, 3)] == [1, 3]
 
 
-def test_sigma_changes_output():
-    model = tiny()
+def test_sigma_changes_output(tiny_model):
+    model = tiny_model()
     with torch.no_grad():
         model.tau[:, 1] = 1.0
         model.rho[:, 1] = 3.0
@@ -55,8 +50,8 @@ def test_sigma_changes_output():
     assert not torch.allclose(model(y, 0.02), model(y, 0.2))
 
 
-def test_attention_at_and_receptive_field():
-    model = tiny(iterations=6)
+def test_attention_at_and_receptive_field(tiny_model):
+    model = tiny_model(iterations=6)
     y = torch.rand(1, 1, 8, 12)
     G, theta, phi = model.attention_at(y, 0.1, layer=5)
     assert isinstance(G, ca.Circulant)
@@ -69,8 +64,8 @@ def test_attention_at_and_receptive_field():
         model.attention_at(y, 0.1, layer=7)
 
 
-def test_initialisation_gram_norm_is_one():
-    model = tiny()
+def test_initialisation_gram_norm_is_one(tiny_model):
+    model = tiny_model()
     z = torch.randn(1, 8, 64, 64)
     for _ in range(100):
         z = z / z.norm()
@@ -80,8 +75,8 @@ def test_initialisation_gram_norm_is_one():
     assert (model.w_beta >= 0).all() and model.gamma.item() == pytest.approx(0.8)
 
 
-def test_projections_hold_after_a_step():
-    model = tiny()
+def test_projections_hold_after_a_step(tiny_model):
+    model = tiny_model()
     opt = torch.optim.Adam(model.parameters(), lr=1.0)
     y = torch.rand(2, 1, 16, 16)
     (model(y, 0.1) - y).square().mean().backward()
@@ -98,8 +93,8 @@ def test_projections_hold_after_a_step():
     assert 0.05 <= model.gamma.item() <= 0.95
 
 
-def test_tiny_model_overfits_a_synthetic_image():
-    model = tiny(iterations=3)
+def test_tiny_model_overfits_a_synthetic_image(tiny_model):
+    model = tiny_model(iterations=3)
     clean = smooth(1, 1, 24, 24)
     noisy = clean + 0.1 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(1))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -152,9 +147,9 @@ def test_ssim_matches_scikit_image():
     assert ssim(x, ref).item() == pytest.approx(theirs, abs=1e-6)
 
 
-def test_weights_roundtrip_and_corruption(tmp_path, monkeypatch):
-    model = tiny(3)
-    path = tmp_path / "groupcdl-color.safetensors"
+def test_weights_roundtrip_and_corruption(tiny_model, tmp_path, monkeypatch):
+    model = tiny_model(3)
+    path = preset_weights("color", tmp_path)
     card = save_model(model, path, {"note": "test"})
     assert card_path(path).exists() and len(card["sha256"]) == 64
     monkeypatch.setenv("CIRCATT_WEIGHTS", str(tmp_path))

@@ -19,11 +19,8 @@ def invoke(args: list[str]) -> tuple[int, str]:
     result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
     return result.exit_code, " ".join(result.output.replace("│", " ").split())
 from circatt_cli.data import CropSampler, augment, load_images
-from circatt_cli.model import GroupCDLConfig
 from circatt_cli.train import Dist, StopSignal, Trainer, TrainOptions, learning_rate, run
 from synthetic import smooth_images
-
-TINY = GroupCDLConfig(channels=1, iterations=3, filters=8, attn_channels=4, window=5)
 
 
 @pytest.fixture
@@ -31,9 +28,11 @@ def images(tmp_path):
     return smooth_images(tmp_path / "images", 3, 40, 48, channels=3, prefix="im")
 
 
-def options(images, out, **kw) -> TrainOptions:
-    base = dict(data=images, out=out, config=TINY, steps=6, batch=2, crop=16, progress=False, epoch_steps=3)
-    return TrainOptions(**{**base, **kw})
+@pytest.fixture
+def options(images, tiny_config):
+    """options(out, **changes): a short CPU run of the tiny gray model on the synthetic images."""
+    base = dict(data=images, config=tiny_config(), steps=6, batch=2, crop=16, progress=False, epoch_steps=3)
+    return lambda out, **changes: TrainOptions(**{**base, "out": out, **changes})
 
 
 def test_sampler_and_augment(images):
@@ -53,10 +52,10 @@ def test_schedule():
     assert 1e-5 < learning_rate(75, opts) < 1e-3
 
 
-def test_resume_is_bit_identical(images, tmp_path):
-    straight = run(options(images, tmp_path / "a"))
-    run(options(images, tmp_path / "b", stop_at=3))
-    resumed = run(options(images, tmp_path / "b", resume=True))
+def test_resume_is_bit_identical(options, tmp_path):
+    straight = run(options(tmp_path / "a"))
+    run(options(tmp_path / "b", stop_at=3))
+    resumed = run(options(tmp_path / "b", resume=True))
     assert straight["step"] == resumed["step"] == 6 and resumed["steps_this_run"] == 3
     a = torch.load(tmp_path / "a" / "last.pt", weights_only=False)
     b = torch.load(tmp_path / "b" / "last.pt", weights_only=False)
@@ -67,17 +66,17 @@ def test_resume_is_bit_identical(images, tmp_path):
     assert events.count("start") == 2 and events[-1] == "end"
 
 
-def test_ddp_world_size_one_over_gloo(images, tmp_path, monkeypatch):
+def test_ddp_world_size_one_over_gloo(options, tmp_path, monkeypatch):
     for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT="29517", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1").items():
         monkeypatch.setenv(key, value)
-    summary = run(options(images, tmp_path / "ddp", steps=2, device="cpu"))
+    summary = run(options(tmp_path / "ddp", steps=2, device="cpu"))
     assert summary["world"] == 1 and summary["step"] == 2
     assert (tmp_path / "ddp" / "last.pt").exists()
     assert not torch.distributed.is_initialized()
 
 
-def test_backtrack_on_nan(images, tmp_path):
-    trainer = Trainer(options(images, tmp_path), Dist(), console=None)
+def test_backtrack_on_nan(options, tmp_path):
+    trainer = Trainer(options(tmp_path), Dist(), console=None)
     trainer.step()
     with torch.no_grad():
         trainer.model.dictionary.fill_(math.nan)
