@@ -1,37 +1,40 @@
-"""Turn a training checkpoint into release weights: a .safetensors file and its JSON model card.
+"""Export a `circatt train` checkpoint as weights: a .safetensors file and, beside it, the small export
+card (steps, config, sha256) that scripts/make_card.py reads when it ships the weights and builds their
+model card.
 
-    python scripts/export_weights.py runs/gray/last.pt weights/groupcdl-gray.safetensors \
-        --card card.json --eval eval-bsd68.json --eval eval-set12.json
-
---card: a JSON object of card fields (training data, hardware, hours, commands, notes);
---eval: JSON files written by `circatt eval --json`, whose mean tables go into the card.
+    python scripts/export_weights.py runs/gray/last.pt runs/export/groupcdl-gray.safetensors
+    python scripts/make_card.py runs/export/groupcdl-gray.safetensors eval-gray.json ...
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import pickle
 from pathlib import Path
 
 from circatt_cli.train import load_checkpoint_model
-from circatt_cli.weights import save_model
+from circatt_cli.weights import card_path, save_model
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", type=Path)
-    parser.add_argument("out", type=Path)
-    parser.add_argument("--card", type=Path, help="JSON object of model-card fields")
-    parser.add_argument("--eval", type=Path, action="append", default=[], help="`circatt eval --json` output")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("checkpoint", type=Path, help="a training checkpoint (RUN/last.pt)")
+    parser.add_argument("out", type=Path, help="the .safetensors file to write; its export card goes beside it")
     args = parser.parse_args()
-    model, step = load_checkpoint_model(args.checkpoint)
-    card = json.loads(args.card.read_text()) if args.card else {}
-    card.setdefault("steps", step)
-    evals = [json.loads(p.read_text()) for p in args.eval]
-    if evals:
-        card["eval"] = [{"model": e.get("model"), "limit": e.get("limit"), "means": e["means"]} for e in evals]
-    card = save_model(model, args.out, card)
-    print(f"wrote {args.out} (sha256 {card['sha256'][:16]}...) and {args.out.with_suffix('.json')}")
+    if not args.checkpoint.is_file():
+        parser.error(f"{args.checkpoint}: no such file")
+    if args.out.suffix != ".safetensors":
+        parser.error(f"{args.out}: the weights file must end in .safetensors")
+    try:
+        model, step = load_checkpoint_model(args.checkpoint)
+    except (OSError, RuntimeError, KeyError, ValueError, pickle.UnpicklingError) as err:
+        raise SystemExit(f"{args.checkpoint}: not a readable circatt train checkpoint ({err})") from None
+    card = save_model(model, args.out, {"steps": step})
+    print(f"wrote {args.out} (step {step}, sha256 {card['sha256'][:16]}...) and {card_path(args.out)}; "
+          "ship them with scripts/make_card.py")
 
 
 if __name__ == "__main__":

@@ -1,15 +1,31 @@
-"""scripts/make_card.py: ships exported weights and regenerates their card, keeping hand-written fields."""
+"""scripts/make_card.py: ships exported weights and regenerates their card, keeping hand-written fields;
+scripts/export_weights.py: exports a training checkpoint for it."""
 
 from __future__ import annotations
 
 import json
+import runpy
 import subprocess
 import sys
 from pathlib import Path
 
-from circatt_cli.weights import load_model, save_model
+from circatt_cli.evaluate import run_eval, write_json
+from circatt_cli.train import TrainOptions, run
+from circatt_cli.weights import card_path, load_model, save_model
+from synthetic import smooth_images
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "make_card.py"
+EXPORT = SCRIPT.with_name("export_weights.py")
+
+
+def export(monkeypatch, capsys, *args: object) -> tuple[int, str]:
+    """Run scripts/export_weights.py in this process (no second torch import); (exit status, stderr)."""
+    monkeypatch.setattr(sys, "argv", [str(EXPORT), *map(str, args)])
+    try:
+        runpy.run_path(str(EXPORT), run_name="__main__")
+    except SystemExit as done:
+        return done.code, capsys.readouterr().err
+    return 0, capsys.readouterr().err
 
 
 def result(dataset: str, image: str, sigma: float, method: str, value: float) -> dict:
@@ -54,3 +70,27 @@ def test_make_card(tiny_model, tmp_path):
     run = subprocess.run([sys.executable, str(SCRIPT), str(exported), str(evaluation), "--into", str(shipped)],
                          capture_output=True, text=True)
     assert run.returncode != 0 and "does not match" in run.stderr
+
+
+def test_export_then_make_card(tiny_config, tmp_path, monkeypatch, capsys):
+    """A checkpoint goes out through export_weights.py (weights and export card only) and ships through make_card.py."""
+    images = smooth_images(tmp_path / "images", 2, 24, 24, channels=1)
+    options = TrainOptions(data=images, out=tmp_path / "run", config=tiny_config(), steps=2, batch=1, crop=16,
+                           device="cpu", progress=False)
+    run(options)
+    checkpoint, exported = tmp_path / "run" / "last.pt", tmp_path / "export" / "tiny.safetensors"
+    assert export(monkeypatch, capsys, checkpoint, exported) == (0, "")
+    assert set(json.loads(card_path(exported).read_text())) == {"steps", "config", "weights", "sha256"}
+    model = load_model(exported)
+    evaluation = tmp_path / "eval.json"
+    write_json(evaluation, run_eval(model, [images], [25.0]), {"config": model.config.to_dict()})
+    done = subprocess.run([sys.executable, str(SCRIPT), str(exported), str(evaluation), "--into", str(tmp_path / "weights")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    card = json.loads((tmp_path / "weights" / "tiny.json").read_text())
+    assert card["steps"] == 2 and card["eval"]["means"]["images sigma 25"]["true sigma"]["images"] == 2
+
+    code, err = export(monkeypatch, capsys, checkpoint, exported, "--card", tmp_path / "card.json")
+    assert code == 2 and "unrecognized arguments: --card" in err
+    code, err = export(monkeypatch, capsys, tmp_path / "none.pt", exported)
+    assert code == 2 and "none.pt: no such file" in err
