@@ -28,7 +28,7 @@ from . import __version__, tiling
 from .bench_report import print_report, write_csv, write_json, write_plot
 from .denoise import bytes_per_pixel, denoiser, tile_margin
 from .devices import resolve_device
-from .model import GroupCDL, GroupCDLConfig
+from .model import DEFAULT_PRESET, PRESETS, GroupCDL, GroupCDLConfig
 from .peers import INPUT_ROLES, OPS, OUTPUT_ROLE, STEP_APPLIES, Case, CirculantPeer, Peer, Unavailable, all_peers
 from .timing import MIN_RUNS, Ceilings, Timing, input_sets_needed, measure, measure_ceilings, synchronize
 from .weights import WeightsError, load_model
@@ -482,7 +482,7 @@ def bench_model(settings: Settings) -> list[Row]:
     for kind in settings.model_kinds:
         model, source = _load_denoiser(kind, device)
         for h, w in settings.model_sizes:
-            y = torch.rand(1, 1 if kind == "gray" else 3, h, w, generator=torch.Generator().manual_seed(settings.seed)).to(device)
+            y = torch.rand(1, model.config.channels, h, w, generator=torch.Generator().manual_seed(settings.seed)).to(device)
             denoise = denoiser(model, y, 25 / 255)  # exactly what `circatt denoise` runs, whole-image mean included
             for mode in modes:
                 runner, how = (lambda fn, t: fn(t)), ""
@@ -563,7 +563,7 @@ def _settings(**o) -> Settings:
         modes=_choices(o["modes"], MODES, "--modes"), impls=impls, repeat=pick("repeat", 20), warmup=pick("warmup", 3),
         budget_s=QUICK["budget"] if quick else 2.0, seed=o["seed"], model="model" in ops,
         model_sizes=_sizes(pick("model_sizes", MODEL_SIZES[device.type]), "--model-sizes"),
-        model_kinds=("gray",) if quick else ("gray", "color"), model_tiled=not quick,
+        model_kinds=(DEFAULT_PRESET,) if quick else tuple(PRESETS), model_tiled=not quick,
         model_min_runs=1 if quick else MIN_RUNS, quick=quick,
     )
 
