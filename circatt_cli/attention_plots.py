@@ -75,8 +75,9 @@ def pick_pixels(gray: np.ndarray) -> dict[str, tuple[int, int]]:
     lightly smoothed image, so that pixel noise does not decide them."""
     x = _local_mean(torch.from_numpy(np.ascontiguousarray(gray, dtype=np.float32))[None, None], 5)
     H, W = gray.shape
-    gy, gx = torch.gradient(x[0, 0])
-    edge = _local_mean((gy**2 + gx**2).sqrt()[None, None], 5)[0, 0]
+    # torch.gradient needs two samples along an axis: a side of one pixel has no gradient along it.
+    slopes = torch.gradient(x[0, 0], dim=[d for d in (0, 1) if x.shape[2 + d] > 1])
+    edge = _local_mean(sum((g**2 for g in slopes), torch.zeros_like(x)).sqrt(), 5)[0, 0]
     detail = _local_mean((x - _local_mean(x, 9)) ** 2, 9)[0, 0]
     spread = _local_mean(x**2, 15)[0, 0] - _local_mean(x, 15)[0, 0] ** 2
     yy, xx = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")

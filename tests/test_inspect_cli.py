@@ -44,6 +44,15 @@ def test_chosen_pixels_and_tiny_image(cli, tmp_path):
         assert (tmp_path / "o" / name).stat().st_size > 0
 
 
+def test_images_with_a_side_of_one_or_two_pixels(cli, tmp_path):
+    """denoise takes them, so inspect-attention draws them too (no gradient along a side of one pixel)."""
+    for h, w in ((1, 1), (1, 9), (9, 1), (2, 2)):
+        Image.fromarray(noisy(h, w)).save(tmp_path / f"{h}x{w}.png")
+        result = cli("inspect-attention", f"{h}x{w}.png", "--out", f"o{h}x{w}")
+        assert result.exit_code == 0, result.output
+        assert all((tmp_path / f"o{h}x{w}" / name).stat().st_size > 0 for name in PNGS)
+
+
 def test_a_gray_model_sees_the_gray_image_that_eval_scores(cli, tmp_path):
     """--model gray on a colour image shows the attention on the 8-bit luma that `circatt eval` uses."""
     Image.fromarray(noisy(24, 30)).save(tmp_path / "rgb.png")
