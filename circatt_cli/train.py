@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import random
 import signal
 import time
@@ -31,6 +32,8 @@ from .model import DEFAULT_PRESET, PRESETS, GroupCDL, GroupCDLConfig
 
 CHECKPOINT = "last.pt"
 LOG = "log.jsonl"
+# What `Trainer.save` writes into a checkpoint, and `read_checkpoint` requires.
+CHECKPOINT_KEYS = frozenset({"model", "optimizer", "sampler", "samplers", "count", "config", "options", "rng", "world"})
 BLOWUP = 100.0
 MAX_BACKTRACKS = 20
 
@@ -68,11 +71,26 @@ class TrainOptions:
         return self.config or GroupCDLConfig.preset(self.preset)
 
 
+def read_checkpoint(path: Path) -> dict:
+    """The state saved in RUN/last.pt; raises DataError (one line) for a file that is not one."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
+        raise DataError(f"{path}: not a readable circatt train checkpoint ({err})") from None
+    missing = CHECKPOINT_KEYS - set(state) if isinstance(state, dict) else CHECKPOINT_KEYS
+    if missing:
+        raise DataError(f"{path}: not a circatt train checkpoint (no {', '.join(sorted(missing))})")
+    return state
+
+
 def load_checkpoint_model(path: Path) -> tuple[GroupCDL, int]:
-    """The model saved in a training checkpoint, and its step."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    model = GroupCDL(GroupCDLConfig.from_dict(state["config"]), init=False)
-    model.load_state_dict(state["model"])
+    """The model saved in a training checkpoint, and its step; raises DataError for a file that is not one."""
+    state = read_checkpoint(path)
+    try:
+        model = GroupCDL(GroupCDLConfig.from_dict(state["config"]), init=False)
+        model.load_state_dict(state["model"])
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise DataError(f"{path}: its model does not match its config ({err})") from None
     return model.eval(), state["count"]["step"]
 
 
@@ -217,7 +235,7 @@ class Trainer:
 
     def load(self, path: Path) -> None:
         """Continue from a checkpoint; the sampler states carry over when the world size is unchanged."""
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = read_checkpoint(path)
         if state["config"] != self.model.config.to_dict():
             raise DataError(f"{path} holds a different model config ({state['config']}); use another --out or --preset")
         same_world = state["world"] == self.ctx.world

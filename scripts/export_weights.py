@@ -9,9 +9,9 @@ model card.
 from __future__ import annotations
 
 import argparse
-import pickle
 from pathlib import Path
 
+from circatt_cli.data import DataError
 from circatt_cli.train import load_checkpoint_model
 from circatt_cli.weights import card_path, save_model
 
@@ -30,8 +30,8 @@ def main() -> None:
         parser.error(f"{args.out}: the weights file must end in .safetensors")
     try:
         model, step = load_checkpoint_model(args.checkpoint)
-    except (OSError, RuntimeError, KeyError, ValueError, pickle.UnpicklingError) as err:
-        raise SystemExit(f"{args.checkpoint}: not a readable circatt train checkpoint ({err})") from None
+    except DataError as err:
+        raise SystemExit(str(err)) from None
     card = save_model(model, args.out, {"steps": step})
     print(f"wrote {args.out} (step {step}, sha256 {card['sha256'][:16]}...) and {card_path(args.out)}; "
           "ship them with scripts/make_card.py")

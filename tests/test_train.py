@@ -121,3 +121,16 @@ def test_sixteen_bit_images_keep_their_range(tmp_path):
     Image.fromarray(ramp).save(tmp_path / "d" / "ramp.png")
     (img,) = load_images(tmp_path / "d", 1)
     assert img.shape == (1, 32, 40) and img.min() == 0 and img.max() == 255 and (img == 255).float().mean() < 0.01
+
+
+def test_a_damaged_checkpoint_is_one_line(images, tmp_path):
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    args = ["train", str(images), "--out", str(run_dir), "--steps", "1", "--crop", "16", "--batch", "1",
+            "--device", "cpu", "--resume"]
+    (run_dir / "last.pt").write_text("garbage\n")
+    code, out = invoke(args)
+    assert code == 2 and "last.pt: not a readable circatt train checkpoint" in out and "Traceback" not in out
+    torch.save({"model": {}}, run_dir / "last.pt")
+    code, out = invoke(args)
+    assert code == 2 and "not a circatt train checkpoint (no config, count" in out
