@@ -51,18 +51,19 @@ def export(G: ca.Circulant, path: Path, layer: int, image_size: tuple[int, int])
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse")
         csr = G.detach().to("cpu").to_sparse_csr()
-    torch.save(
-        {
-            "values": G.values.detach().cpu(),
-            "window": G.window,
-            "latent_size": G.spatial_size,
-            "image_size": image_size,
-            "layer": layer,
-            "csr": csr,
-            "layout": "values[b, head, i, j, a, c]: query (i, j), key ((i+a-r) mod h, (j+c-r) mod w), r = window//2",
-        },
-        path,
-    )
+    with open(path, "wb") as handle:  # so that an unwritable path is an OSError, not torch.save's RuntimeError
+        torch.save(
+            {
+                "values": G.values.detach().cpu(),
+                "window": G.window,
+                "latent_size": G.spatial_size,
+                "image_size": image_size,
+                "layer": layer,
+                "csr": csr,
+                "layout": "values[b, head, i, j, a, c]: query (i, j), key ((i+a-r) mod h, (j+c-r) mod w), r = window//2",
+            },
+            handle,
+        )
 
 
 def summary(G: ca.Circulant, layer: int, eff: np.ndarray, image_size: tuple[int, int], sigma: float) -> Table:
@@ -102,6 +103,8 @@ def inspect_attention(
     """Draw the layer's circulant adjacency: sparsity pattern, pixel attention maps, effective neighbours."""
     console = Console(highlight=False)
     torch_device, device_line = resolve_device(device)
+    if export_path is not None and not export_path.parent.is_dir():  # checked now, not after the model ran
+        raise typer.BadParameter(f"the folder of {export_path} does not exist", param_hint="--export")
     models = Models(model, torch_device)
     models.preload()
     try:
@@ -133,7 +136,7 @@ def inspect_attention(
             export(G, export_path, layer, image.size)
             written.append(export_path)
     except OSError as err:
-        console.print(f"[red]error:[/] cannot write the pictures: {err}")
+        console.print(f"[red]error:[/] cannot write the results: {err}")
         if debug:
             console.print(traceback.format_exc())
         raise typer.Exit(code=1) from None

@@ -74,6 +74,17 @@ def test_bad_pixel_layer_and_file(cli, tmp_path):
     assert result.exit_code == 1 and "cannot write" in result.output and "Traceback" not in result.output
 
 
+def test_an_unwritable_export_is_one_line(cli, tmp_path):
+    Image.fromarray(noisy(16, 16)).save(tmp_path / "a.png")
+    (tmp_path / "folder").mkdir()
+    result = cli("inspect-attention", "a.png", "--out", "o", "--export", "a.png/adj.pt")
+    assert result.exit_code == 2 and "--export" in result.output and "does not exist" in result.output, result.output
+    assert not (tmp_path / "o").exists()  # refused before the model ran
+    result = cli("inspect-attention", "a.png", "--out", "o", "--export", "folder")
+    assert result.exit_code == 1 and "cannot write" in result.output and "folder" in result.output, result.output
+    assert isinstance(result.exception, SystemExit)  # a one-line error, not an uncaught exception
+
+
 def test_missing_weights_is_one_line(cli, tmp_path, monkeypatch):
     Image.fromarray(noisy(16, 16)).save(tmp_path / "a.png")
     monkeypatch.setenv("CIRCATT_WEIGHTS", str(tmp_path / "empty"))
