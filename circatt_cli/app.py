@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import warnings
 
 import typer
 
@@ -44,8 +45,14 @@ for _name in COMMAND_MODULES:
     importlib.import_module(_name).register(app)
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as the user reads it: its message, without the source file and code line that raised it."""
+    return f"warning: {message}\n"
+
+
 def main() -> None:
     """Console-script entry point."""
+    warnings.formatwarning = _one_line_warning
     app()
 
 

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -211,3 +215,15 @@ def test_forced_gray_model_on_colour_image(cli, tmp_path):
     result = cli("denoise", "c.png", "--model", "gray", "--sigma", "10")
     assert result.exit_code == 0, result.output
     assert Image.open(tmp_path / "c_denoised.png").mode == "RGB"
+
+
+def test_a_warning_is_one_line_from_the_console_command(tiny_weights, tmp_path):
+    """Weights without a model card warn: the user sees the message, not the source line that raised it."""
+    save(tmp_path / "a.png", noisy(12, 12))
+    shutil.copy(tiny_weights / "groupcdl-gray.safetensors", tmp_path / "mine.safetensors")
+    args = ["denoise", "a.png", "--model", "mine.safetensors", "--sigma", "10", "--device", "cpu"]
+    done = subprocess.run([sys.executable, "-m", "circatt_cli.app", *args], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "200"}, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "warning: no model card mine.json" in done.stderr
+    assert "UserWarning" not in done.stderr and ".py:" not in done.stderr, done.stderr
