@@ -576,9 +576,15 @@ def _check_selection(settings: Settings) -> None:
             param_hint="--sizes/--windows",
         )
     if settings.impls is not None and settings.ops:
-        served = {op for p in all_peers(settings.device) if p.name in settings.impls for op in p.ops}
+        chosen = [p for p in all_peers(settings.device) if p.name in settings.impls]
+        served = {op for p in chosen if settings.device.type in p.devices for op in p.ops}
         if not served & set(settings.ops):
-            raise typer.BadParameter(f"none of {', '.join(settings.impls)} implements {', '.join(settings.ops)}", param_hint="--impls")
+            elsewhere = [f"{p.name} runs on {' / '.join(p.devices)} only" for p in chosen if settings.device.type not in p.devices]
+            raise typer.BadParameter(
+                f"none of {', '.join(settings.impls)} implements {', '.join(settings.ops)} on {settings.device.type}"
+                + (f" ({'; '.join(elsewhere)})" if elsewhere else ""),
+                param_hint="--impls",
+            )
 
 
 def _device_name(device: torch.device) -> str:

@@ -110,6 +110,7 @@ def test_plot_is_a_png(report):
         (["--json", "/nonexistent-folder/x.json"], "does not exist"),
         (["--shapes", "sweep", "--sizes", "16", "--windows", "35"], "no shape left"),
         (["--impls", "flex", "--ops", "apply"], "none of flex implements apply"),
+        (["--impls", "flex", "--ops", "attention", "--device", "cpu"], "flex runs on cuda only"),
     ],
 )
 def test_bad_options_are_usage_errors(args, message):
