@@ -172,12 +172,13 @@ def write_csv(path: Path, results: list[Result]) -> None:
         writer.writerows(asdict(r) for r in results)
 
 
-def _check_folders(folders: list[Path]) -> None:
+def check_image_folders(folders: list[Path], option: str) -> None:
+    """Every folder exists and holds images; a usage error for `option` if not (eval's --data, train's --val-dir)."""
     for folder in folders:
         if not folder.is_dir():
-            raise typer.BadParameter(f"not a folder: {folder}", param_hint="--data")
+            raise typer.BadParameter(f"not a folder: {folder}", param_hint=option)
         if not image_files(folder):
-            raise typer.BadParameter(f"no images in {folder}", param_hint="--data")
+            raise typer.BadParameter(f"no images in {folder}", param_hint=option)
 
 
 def _parse_peers(text: str) -> list[str]:
@@ -252,7 +253,7 @@ def eval_command(
 ) -> None:
     """PSNR / SSIM of a model on folders of clean images, with fixed-seed noise per image (the noise that
     `circatt denoise FILE --add-noise SIGMA` adds)."""
-    _check_folders(data)
+    check_image_folders(data, "--data")
     for option, path in (("--json", json_path), ("--csv", csv_path)):
         if path is not None and not path.parent.is_dir():
             raise typer.BadParameter(f"the folder of {path} does not exist", param_hint=option)

@@ -11,6 +11,7 @@ import os
 import pickle
 import random
 import signal
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +21,14 @@ import torch
 import torch.distributed as dist
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .data import CropSampler, DataError, load_images
 from .devices import resolve_device
+from .evaluate import check_image_folders, run_eval
 from .imageio import ImageError
 from .metrics import psnr
 from .model import DEFAULT_PRESET, PRESETS, GroupCDL, GroupCDLConfig
@@ -81,6 +84,10 @@ def read_checkpoint(path: Path) -> dict:
     if missing:
         raise DataError(f"{path}: not a circatt train checkpoint (no {', '.join(sorted(missing))})")
     return state
+
+
+class Diverged(Exception):
+    """The loss blew up after every one of MAX_BACKTRACKS backtracks; one line for the user."""
 
 
 def load_checkpoint_model(path: Path) -> tuple[GroupCDL, int]:
@@ -280,7 +287,8 @@ class Trainer:
         """Return to the last checkpoint's state with the learning rate x 0.9."""
         scale, tries = self.count.lr_scale * 0.9, self.count.backtracks + 1
         if tries > MAX_BACKTRACKS:
-            raise RuntimeError(f"training diverged {tries} times; giving up (lower --lr?)")
+            raise Diverged(f"training diverged {tries} times; giving up (lower --lr?); "
+                           f"{self.opts.out / CHECKPOINT} holds the last saved state")
         self.restore(self.anchor, self.anchor["sampler"])
         self.count.lr_scale, self.count.backtracks = scale, tries
 
@@ -379,7 +387,10 @@ def _run(opts: TrainOptions, ctx: Dist, console: Console) -> dict:
         torch.backends.cudnn.benchmark = True
     trainer = Trainer(opts, ctx, console)  # loads the data first: a run that cannot start leaves no folder
     if ctx.main:
-        opts.out.mkdir(parents=True, exist_ok=True)
+        try:
+            opts.out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise DataError(f"{opts.out}: cannot create the run folder ({err.strerror})") from None
     log = JsonLog(opts.out / LOG, ctx.main)
     checkpoint = opts.out / CHECKPOINT
     if opts.resume and checkpoint.exists():
@@ -426,7 +437,7 @@ def _run(opts: TrainOptions, ctx: Dist, console: Console) -> dict:
         summary["max_memory_gib"] = torch.cuda.max_memory_allocated(ctx.device) / 2**30
     log.write("end", **summary)
     if opts.val_dir is not None and ctx.main:
-        summary["val_psnr"] = validate(trainer.model, opts)
+        summary["val_psnr"] = validate(trainer.model, opts, console)
         log.write("val", step=trainer.count.step, psnr=summary["val_psnr"])
     return summary
 
@@ -448,15 +459,17 @@ def _log_step(trainer: Trainer, meter: Meter, log: JsonLog, console: Console) ->
         console.print(f"step {step}  loss {meter.loss:.3e}  PSNR {meter.psnr:.2f} dB  {rate}  lr {lr:.2e}")
 
 
-def validate(model: GroupCDL, opts: TrainOptions) -> float:
-    """Mean PSNR on the first val_images of val_dir at the middle of the training sigma range."""
-    from .evaluate import run_eval
-
+def validate(model: GroupCDL, opts: TrainOptions, console: Console) -> float:
+    """Mean PSNR on the first val_images of val_dir at the middle of the training sigma range; an unreadable
+    image is left out with a note (the run is done by then), and none readable gives NaN."""
     sigma = round((opts.sigma_min + opts.sigma_max) / 2)
     model.eval()
-    results = run_eval(model, [opts.val_dir], [sigma], limit=opts.val_images)
+    errors: list[str] = []
+    results = run_eval(model, [opts.val_dir], [sigma], limit=opts.val_images, on_error=errors.append)
     model.train()
-    return sum(r.psnr for r in results) / len(results)
+    for error in errors:
+        console.print(f"[yellow]note:[/] validation: {escape(error)} (left out)")
+    return statistics.fmean(r.psnr for r in results) if results else math.nan
 
 
 def train_command(
@@ -484,8 +497,10 @@ def train_command(
         raise typer.BadParameter(f"{preset!r} is not a preset; choose {' or '.join(PRESETS)}", param_hint="--preset")
     if not data.exists():
         raise typer.BadParameter(f"{data} does not exist", param_hint="DATA")
-    if val_dir is not None and not val_dir.is_dir():
-        raise typer.BadParameter(f"not a folder: {val_dir}", param_hint="--val-dir")
+    if out.exists() and not out.is_dir():
+        raise typer.BadParameter(f"{out} exists and is not a folder", param_hint="--out")
+    if val_dir is not None:
+        check_image_folders([val_dir], "--val-dir")
     if sigma_max < sigma_min:
         raise typer.BadParameter("--sigma-max must be >= --sigma-min", param_hint="--sigma-max")
     opts = TrainOptions(
@@ -499,6 +514,9 @@ def train_command(
     except (DataError, ImageError) as err:
         console.print(f"[red]error:[/] {err}")
         raise typer.Exit(2) from None
+    except Diverged as err:
+        console.print(f"[red]error:[/] {err}")
+        raise typer.Exit(1) from None
     if int(os.environ.get("RANK", "0")) == 0:
         console.print(
             f"step {summary['step']} (+{summary['steps_this_run']} this run): {summary['images_per_s']:.1f} images/s, "

@@ -134,3 +134,37 @@ def test_a_damaged_checkpoint_is_one_line(images, tmp_path):
     torch.save({"model": {}}, run_dir / "last.pt")
     code, out = invoke(args)
     assert code == 2 and "not a circatt train checkpoint (no config, count" in out
+
+
+def test_out_and_val_dir_errors_are_one_line(images, tmp_path):
+    base = ["train", str(images), "--steps", "1", "--crop", "16", "--batch", "1", "--device", "cpu"]
+    (tmp_path / "file").write_text("x")
+    code, out = invoke(base + ["--out", str(tmp_path / "file")])
+    assert code == 2 and "exists and is not a folder" in out
+    code, out = invoke(base + ["--out", str(tmp_path / "file" / "run")])
+    assert code == 2 and "cannot create the run folder" in out and "Traceback" not in out
+    (tmp_path / "empty").mkdir()
+    code, out = invoke(base + ["--out", str(tmp_path / "r"), "--val-dir", str(tmp_path / "empty")])
+    assert code == 2 and "no images in" in out and not (tmp_path / "r").exists()
+
+
+def test_an_unreadable_validation_image_is_left_out(images, tmp_path):
+    (images / "zz.png").write_bytes(b"not an image")
+    code, out = invoke(["train", str(images), "--out", str(tmp_path / "r"), "--steps", "1", "--crop", "16",
+                        "--batch", "1", "--device", "cpu", "--val-dir", str(images)])
+    assert code == 2  # training refuses the bad image; as a validation image it is only left out:
+    good = tmp_path / "train"
+    good.mkdir()
+    (good / "a.png").write_bytes((images / "im0.png").read_bytes())
+    code, out = invoke(["train", str(good), "--out", str(tmp_path / "r"), "--steps", "1", "--crop", "16",
+                        "--batch", "1", "--device", "cpu", "--val-dir", str(images)])
+    assert code == 0 and "zz.png: not a readable image" in out and "validation PSNR" in out, out
+
+
+def test_giving_up_after_the_backtracks_is_one_line(images, tmp_path, monkeypatch):
+    from circatt_cli import train
+
+    monkeypatch.setattr(train.Trainer, "step", lambda self: (math.nan, math.nan))
+    code, out = invoke(["train", str(images), "--out", str(tmp_path / "r"), "--steps", "5", "--crop", "16",
+                        "--batch", "1", "--device", "cpu"])
+    assert code == 1 and "diverged 21 times" in out and "Traceback" not in out, out
