@@ -484,7 +484,7 @@ def train_command(
     lr: float = typer.Option(5e-4, "--lr", min=0.0, help="Peak learning rate."),
     hold: float = typer.Option(0.67, "--hold", min=0.0, max=1.0, help="Fraction of steps at the peak lr before the decay."),
     seed: int = typer.Option(0, "--seed"),
-    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/last.pt when it exists."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/last.pt when it exists (without --resume, an OUT that holds one is refused)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (under torchrun: cuda:LOCAL_RANK)."),
     val_dir: Path | None = typer.Option(None, "--val-dir", help="Clean images for a PSNR check at the end."),
     checkpoint_minutes: float = typer.Option(3.0, "--checkpoint-minutes", min=0.0),
@@ -499,6 +499,8 @@ def train_command(
         raise typer.BadParameter(f"{data} does not exist", param_hint="DATA")
     if out.exists() and not out.is_dir():
         raise typer.BadParameter(f"{out} exists and is not a folder", param_hint="--out")
+    if not resume and (out / CHECKPOINT).exists():  # a new run would overwrite it at its first checkpoint
+        raise typer.BadParameter(f"{out / CHECKPOINT} exists: add --resume to continue that run, or give another --out", param_hint="--out")
     if val_dir is not None:
         check_image_folders([val_dir], "--val-dir")
     if sigma_max < sigma_min:

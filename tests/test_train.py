@@ -168,3 +168,13 @@ def test_giving_up_after_the_backtracks_is_one_line(images, tmp_path, monkeypatc
     code, out = invoke(["train", str(images), "--out", str(tmp_path / "r"), "--steps", "5", "--crop", "16",
                         "--batch", "1", "--device", "cpu"])
     assert code == 1 and "diverged 21 times" in out and "Traceback" not in out, out
+
+
+def test_a_new_run_does_not_overwrite_a_checkpoint(options, images, tmp_path):
+    run(options(tmp_path / "r", steps=1))
+    before = (tmp_path / "r" / "last.pt").read_bytes()
+    args = ["train", str(images), "--out", str(tmp_path / "r"), "--steps", "2", "--crop", "16", "--device", "cpu"]
+    code, out = invoke(args)
+    assert code == 2 and "add --resume" in out and (tmp_path / "r" / "last.pt").read_bytes() == before
+    code, out = invoke(args + ["--resume"])  # past the guard: the tiny run is not a gray-preset run
+    assert code == 2 and "holds a different model config" in out, out
