@@ -3,6 +3,7 @@ fresh white Gaussian noise per sample; everything drawn from one torch.Generator
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +31,8 @@ def read_pack(path: Path) -> dict[str, bytes]:
     try:
         with np.load(path, allow_pickle=False) as pack:
             return {name: pack[name].tobytes() for name in sorted(pack.files)}
-    except (OSError, ValueError) as err:
-        raise DataError(f"{path}: not a readable .npz pack ({err})") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise DataError(f"{path}: not a readable .npz pack ({err or type(err).__name__})") from None
 
 
 def load_images(source: Path, channels: int) -> list[Tensor]:

@@ -178,3 +178,10 @@ def test_a_new_run_does_not_overwrite_a_checkpoint(options, images, tmp_path):
     assert code == 2 and "add --resume" in out and (tmp_path / "r" / "last.pt").read_bytes() == before
     code, out = invoke(args + ["--resume"])  # past the guard: the tiny run is not a gray-preset run
     assert code == 2 and "holds a different model config" in out, out
+
+
+def test_a_damaged_pack_is_one_line(tmp_path):
+    for name, data in (("empty.npz", b""), ("cut.npz", b"PK\x03\x04 cut short")):
+        (tmp_path / name).write_bytes(data)
+        code, out = invoke(["train", str(tmp_path / name), "--out", str(tmp_path / "r3"), "--steps", "1", "--device", "cpu"])
+        assert code == 2 and f"{name}: not a readable .npz pack" in out and "Traceback" not in out, out
