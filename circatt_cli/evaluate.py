@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from torch import Tensor
@@ -135,7 +136,7 @@ def render_means(results: list[Result], title: str) -> Table:
     """A rich table: one row per (dataset, sigma), PSNR / SSIM columns per method."""
     means = mean_table(results)
     methods = list(dict.fromkeys(r.method for r in results))
-    table = Table(title=title)
+    table = Table(title=escape(title))
     table.add_column("dataset")
     table.add_column("sigma", justify="right")
     table.add_column("images", justify="right")
@@ -144,7 +145,7 @@ def render_means(results: list[Result], title: str) -> Table:
     for dataset, sigma in dict.fromkeys((r.dataset, r.sigma) for r in results):
         cells = [means.get((dataset, sigma, m)) for m in methods]
         count = next(c[2] for c in cells if c)
-        table.add_row(dataset, f"{sigma:g}", str(count), *(f"{c[0]:.2f} / {c[1]:.4f}" if c else "-" for c in cells))
+        table.add_row(escape(dataset), f"{sigma:g}", str(count), *(f"{c[0]:.2f} / {c[1]:.4f}" if c else "-" for c in cells))
     return table
 
 
@@ -153,7 +154,7 @@ def render_images(results: list[Result]) -> Table:
     for name in ("dataset", "image", "sigma", "method", "sigma used", "PSNR", "SSIM"):
         table.add_column(name)
     for r in results:
-        table.add_row(r.dataset, r.image, f"{r.sigma:g}", r.method, f"{r.sigma_used:.2f}", f"{r.psnr:.2f}", f"{r.ssim:.4f}")
+        table.add_row(escape(r.dataset), escape(r.image), f"{r.sigma:g}", r.method, f"{r.sigma_used:.2f}", f"{r.psnr:.2f}", f"{r.ssim:.4f}")
     return table
 
 
@@ -201,7 +202,8 @@ def _parse_sigmas(values: list[str]) -> list[float]:
 
 def _progress(console: Console) -> Progress:
     return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console
+        TextColumn("{task.description}", style="bold", markup=False),  # file names as they are
+        BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console,
     )
 
 
@@ -218,7 +220,7 @@ def run_eval(
     """Evaluate on every (folder, image, sigma) with a rich progress bar; returns the per-image results.
 
     An unreadable image raises ImageError, or with `on_error` is reported to it and skipped."""
-    console = console or Console(stderr=True)
+    console = console or Console(stderr=True, emoji=False)
     jobs = [(folder, path) for folder in folders for path in image_files(folder)[:limit]]
     results: list[Result] = []
     with _progress(console) as bar:
@@ -260,13 +262,13 @@ def eval_command(
     sigmas = _parse_sigmas(sigma)
     torch_device, _ = resolve_device(device)
     peer_fns, notes = available_peers(_parse_peers(peers))
-    console = Console()
+    console = Console(emoji=False)  # file names are printed as they are: no markup, no :emoji: codes
     for note in notes:
         console.print(f"[yellow]note:[/] {note}")
     try:
         net = load_model(model, torch_device)
     except WeightsError as err:
-        console.print(f"[red]error:[/] {err}")
+        console.print(f"[red]error:[/] {escape(str(err))}")
         raise typer.Exit(2) from None
     errors: list[str] = []
     results = run_eval(net, data, sigmas, estimate_sigma_, peer_fns, limit, on_error=errors.append)
@@ -279,7 +281,7 @@ def eval_command(
     if csv_path:
         write_csv(csv_path, results)
     for error in errors:
-        console.print(f"[red]error:[/] {error} (left out)")
+        console.print(f"[red]error:[/] {escape(error)} (left out)")
     if errors:
         raise typer.Exit(1)
 

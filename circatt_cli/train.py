@@ -374,7 +374,7 @@ def _flags(trainer: Trainer, stop: StopSignal, started: float, last_save: float)
 def run(opts: TrainOptions, console: Console | None = None) -> dict:
     """Train until `steps` (or stop_at / max_minutes / SIGTERM); checkpoint and return a summary."""
     ctx = setup_distributed(opts.device)
-    console = console or Console()
+    console = console or Console(emoji=False)
     try:
         return _run(opts, ctx, console)
     finally:
@@ -396,7 +396,7 @@ def _run(opts: TrainOptions, ctx: Dist, console: Console) -> dict:
     if opts.resume and checkpoint.exists():
         trainer.load(checkpoint)
     elif opts.resume and ctx.main:
-        console.print(f"[yellow]note:[/] no {checkpoint} yet; starting a new run")
+        console.print(f"[yellow]note:[/] no {escape(str(checkpoint))} yet; starting a new run")
     first = trainer.count.step
     log.write("start", step=first, world=ctx.world, device=str(ctx.device), config=trainer.model.config.to_dict())
     meter = Meter(opts.batch * ctx.world)
@@ -510,14 +510,14 @@ def train_command(
         sigma_max=sigma_max, lr=lr, hold=hold, seed=seed, resume=resume, device=device, val_dir=val_dir,
         checkpoint_minutes=checkpoint_minutes, max_minutes=max_minutes, stop_at=stop_at, log_every=log_every,
     )
-    console = Console()
+    console = Console(emoji=False)  # file names are printed as they are: no markup, no :emoji: codes
     try:
         summary = run(opts, console)
     except (DataError, ImageError) as err:
-        console.print(f"[red]error:[/] {err}")
+        console.print(f"[red]error:[/] {escape(str(err))}")
         raise typer.Exit(2) from None
     except Diverged as err:
-        console.print(f"[red]error:[/] {err}")
+        console.print(f"[red]error:[/] {escape(str(err))}")
         raise typer.Exit(1) from None
     if int(os.environ.get("RANK", "0")) == 0:
         console.print(

@@ -122,3 +122,10 @@ def test_classical_peers_denoise_the_same_noisy_images(folder, weights):
     for method in ("nlm", "bm3d"):
         rows = [r for r in results if r.method == method]
         assert len(rows) == 2 and all(r.psnr > noisy_psnr[r.image] + 3 for r in rows), rows
+
+
+def test_file_names_are_printed_as_they_are(folder, weights):
+    (folder / "smile:a:[b].png").write_bytes(b"not an image")
+    (folder / "x[bold]y.png").write_bytes((folder / "0.png").read_bytes())
+    code, out = invoke(["eval", "--model", str(weights), "--data", str(folder), "--sigma", "25", "--per-image"])
+    assert code == 1 and "smile:a:[b].png: not a readable image" in out and "x[bold]y.png" in out, out

@@ -185,3 +185,9 @@ def test_a_damaged_pack_is_one_line(tmp_path):
         (tmp_path / name).write_bytes(data)
         code, out = invoke(["train", str(tmp_path / name), "--out", str(tmp_path / "r3"), "--steps", "1", "--device", "cpu"])
         assert code == 2 and f"{name}: not a readable .npz pack" in out and "Traceback" not in out, out
+
+
+def test_file_names_in_errors_are_printed_as_they_are(images, tmp_path):
+    (images / "smile:a:[b].png").write_bytes(b"not an image")
+    code, out = invoke(["train", str(images), "--out", str(tmp_path / "r"), "--steps", "1", "--device", "cpu"])
+    assert code == 2 and "smile:a:[b].png: not a readable image" in out, out
