@@ -5,12 +5,13 @@ from __future__ import annotations
 import csv
 import json
 import math
+import weakref
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from circatt_cli import bench
+from circatt_cli import bench, peers
 from circatt_cli.app import app
 from circatt_cli.peers import Case, CirculantPeer
 from circatt_cli.timing import measure
@@ -172,3 +173,13 @@ def test_rounding_on_an_exactly_zero_reference_output_is_not_wrong():
     zero, big = torch.zeros(4), torch.ones(4)
     assert bench.max_rel_err([big, zero + 6e-7], [big, zero]) < 1e-3
     assert bench.max_rel_err([big, zero + 0.1], [big, zero]) > bench.TOLERANCE[torch.float32]
+
+
+def test_peer_constants_are_kept_for_the_latest_shape_only():
+    """An N x N mask or a CSR pattern is built once per shape and freed when the bench moves to the next shape."""
+    cpu = torch.device("cpu")
+    for build, pick in ((peers.dense_mask, lambda m: m), (peers.csr_pattern, lambda p: p[1])):
+        first = weakref.ref(pick(build(6, 5, 3, cpu)))
+        assert pick(build(6, 5, 3, cpu)) is first()  # built once
+        build(7, 5, 3, cpu)
+        assert first() is None  # the previous shape's is gone
