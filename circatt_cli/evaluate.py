@@ -182,6 +182,22 @@ def check_image_folders(folders: list[Path], option: str) -> None:
             raise typer.BadParameter(f"no images in {folder}", param_hint=option)
 
 
+def _check_writable(path: Path, option: str) -> None:
+    """A results file that can be written, checked before the evaluation rather than after it."""
+    if not path.parent.is_dir():
+        raise typer.BadParameter(f"the folder of {path} does not exist", param_hint=option)
+    try:
+        existed = path.exists()
+        with open(path, "a"):
+            pass
+    except IsADirectoryError:
+        raise typer.BadParameter(f"{path} is a folder; give a file name", param_hint=option) from None
+    except OSError as err:
+        raise typer.BadParameter(f"{path} cannot be written ({err.strerror})", param_hint=option) from None
+    if not existed:
+        path.unlink()
+
+
 def _parse_peers(text: str) -> list[str]:
     names = [p.strip() for p in text.split(",") if p.strip()]
     bad = [p for p in names if p not in PEERS]
@@ -257,8 +273,8 @@ def eval_command(
     `circatt denoise FILE --add-noise SIGMA` adds)."""
     check_image_folders(data, "--data")
     for option, path in (("--json", json_path), ("--csv", csv_path)):
-        if path is not None and not path.parent.is_dir():
-            raise typer.BadParameter(f"the folder of {path} does not exist", param_hint=option)
+        if path is not None:
+            _check_writable(path, option)
     sigmas = _parse_sigmas(sigma)
     torch_device, _ = resolve_device(device)
     peer_fns, notes = available_peers(_parse_peers(peers))
@@ -276,10 +292,14 @@ def eval_command(
         console.print(render_images(results))
     console.print(render_means(results, f"circatt eval -- model {model}"))
     meta = {"model": str(model), "config": net.config.to_dict(), "sigmas": sigmas, "limit": limit}
-    if json_path:
-        write_json(json_path, results, meta)
-    if csv_path:
-        write_csv(csv_path, results)
+    try:
+        if json_path:
+            write_json(json_path, results, meta)
+        if csv_path:
+            write_csv(csv_path, results)
+    except OSError as err:
+        console.print(f"[red]error:[/] cannot write the results: {escape(str(err))}")
+        raise typer.Exit(1) from None
     for error in errors:
         console.print(f"[red]error:[/] {escape(error)} (left out)")
     if errors:

@@ -129,3 +129,13 @@ def test_file_names_are_printed_as_they_are(folder, weights):
     (folder / "x[bold]y.png").write_bytes((folder / "0.png").read_bytes())
     code, out = invoke(["eval", "--model", str(weights), "--data", str(folder), "--sigma", "25", "--per-image"])
     assert code == 1 and "smile:a:[b].png: not a readable image" in out and "x[bold]y.png" in out, out
+
+
+def test_results_files_that_cannot_be_written_are_refused_first(folder, weights, tmp_path):
+    base = ["eval", "--model", str(weights), "--data", str(folder), "--sigma", "25"]
+    code, out = invoke(base + ["--json", str(folder)])
+    assert code == 2 and "is a folder" in out and "Traceback" not in out, out
+    code, out = invoke(base + ["--csv", str(tmp_path / ("x" * 300 + ".csv"))])
+    assert code == 2 and "cannot be written" in out and "Traceback" not in out, out
+    code, out = invoke(base + ["--json", str(tmp_path / "r.json"), "--csv", str(tmp_path / "r.csv")])
+    assert code == 0 and (tmp_path / "r.json").exists() and (tmp_path / "r.csv").exists()
