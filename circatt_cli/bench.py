@@ -30,7 +30,7 @@ from .denoise import bytes_per_pixel, denoiser, tile_margin
 from .devices import resolve_device
 from .model import DEFAULT_PRESET, PRESETS, GroupCDL, GroupCDLConfig
 from .peers import INPUT_ROLES, OPS, OUTPUT_ROLE, STEP_APPLIES, Case, CirculantPeer, Peer, Unavailable, all_peers
-from .timing import MIN_RUNS, Ceilings, Timing, input_sets_needed, measure, measure_ceilings, synchronize
+from .timing import MIN_RUNS, Ceilings, Timing, dtype_name, input_sets_needed, measure, measure_ceilings, synchronize
 from .weights import WeightsError, load_model
 
 SHAPES = ("S1", "S2", "train", "sweep")
@@ -162,10 +162,6 @@ class Settings:
     model_tiled: bool
     model_min_runs: int
     quick: bool
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def cases_for(settings: Settings) -> list[Case]:

@@ -36,6 +36,11 @@ class Timing:
         return asdict(self)
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """'float32' for torch.float32: the key of a dtype in the ceilings and the report."""
+    return str(dtype).removeprefix("torch.")
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -148,7 +153,7 @@ def _matmul_rate(device: torch.device, dtype: torch.dtype, quick: bool, tf32: bo
 
 def measure_ceilings(device: torch.device, dtypes: Sequence[torch.dtype], quick: bool = False) -> Ceilings:
     """The copy bandwidth and the matmul rate of each dtype (plus TF32 on CUDA), measured now."""
-    rates = {str(dt).removeprefix("torch."): _matmul_rate(device, dt, quick) for dt in dtypes}
+    rates = {dtype_name(dt): _matmul_rate(device, dt, quick) for dt in dtypes}
     if device.type == "cuda" and torch.float32 in dtypes:
         rates["tf32"] = _matmul_rate(device, torch.float32, quick, tf32=True)
     return Ceilings(_copy_rate(device), rates)
