@@ -96,9 +96,12 @@ def resolve_spec(spec: str | Path) -> Path:
 def load_model(spec: str | Path, device: str | torch.device = "cpu") -> GroupCDL:
     """A GroupCDL in eval mode from a preset name or a .safetensors path, after checking its sha256."""
     path = resolve_spec(spec)
+    choices = f"give a preset ({' or '.join(PRESETS)}) or a .safetensors file"
     if not path.is_file():
-        hint = " (train one with `circatt train`, or set CIRCATT_WEIGHTS)" if str(spec) in PRESETS else ""
-        raise WeightsError(f"no weights file at {path}{hint}")
+        hint = "train one with `circatt train`, or set CIRCATT_WEIGHTS" if str(spec) in PRESETS else choices
+        raise WeightsError(f"no weights file at {path} ({hint})")
+    if path.suffix != ".safetensors":  # e.g. the model card, or a training checkpoint
+        raise WeightsError(f"{path} is not a weights file: {choices} (scripts/export_weights.py makes one of a checkpoint)")
     _check_sha(path)
     config, tensors = _read(path)
     model = GroupCDL(config, init=False)

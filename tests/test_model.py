@@ -164,3 +164,11 @@ def test_weights_roundtrip_and_corruption(tiny_model, tmp_path, monkeypatch):
         load_model(path)
     with pytest.raises(WeightsError, match="no weights file"):
         load_model("gray")
+
+
+def test_a_model_that_is_not_a_weights_file_names_the_choices(tiny_weights, tmp_path):
+    card = card_path(preset_weights("gray", tiny_weights))
+    with pytest.raises(WeightsError, match=r"is not a weights file: give a preset \(gray or color\)"):
+        load_model(card)  # the card beside the weights, not the weights (was: "corrupted", its own sha256)
+    with pytest.raises(WeightsError, match=r"no weights file at sepia \(give a preset"):
+        load_model("sepia")
