@@ -47,9 +47,11 @@ def expand_inputs(arguments: list[str], recursive: bool) -> tuple[list[Source], 
                 errors.append(f"{path}: no images in this folder" + ("" if recursive else " (use --recursive for subfolders)"))
         elif not path.exists() and _GLOB_CHARS & set(arg):
             matches = sorted(Path(m) for m in glob.glob(arg, recursive=recursive) if Path(m).is_file())
-            sources += [Source(m, Path(m.name)) for m in matches if is_supported(m)]
-            if not matches:
-                errors.append(f"{arg}: no files match")
+            images = [Source(m, Path(m.name)) for m in matches if is_supported(m)]
+            sources += images
+            if not images:
+                kinds = ", ".join(sorted({m.suffix or "no extension" for m in matches}))
+                errors.append(f"{arg}: matches no image file (only {kinds})" if matches else f"{arg}: no files match")
         else:
             sources.append(Source(path, Path(path.name)))
     return _unique(sources), errors

@@ -155,6 +155,9 @@ def test_folders_globs_and_output_folder(cli, tmp_path):
     result = cli("denoise", "in/*.png", "--sigma", "15")
     assert result.exit_code == 0 and (tmp_path / "in" / "a_denoised.png").exists()
     assert cli("denoise", "nothing/*.png").exit_code == 1
+    (tmp_path / "in" / "notes.txt").write_text("text")
+    result = cli("denoise", "in/*.txt", "--sigma", "15")
+    assert result.exit_code == 1 and "in/*.txt: matches no image file" in result.output, result.output
 
 
 def test_usage_errors(cli, tmp_path):
