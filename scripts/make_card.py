@@ -18,6 +18,7 @@ is checked by loading the weights through circatt's loader.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import statistics
@@ -25,9 +26,11 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from circatt_cli.weights import card_path, load_model, sha256
+from circatt_cli.evaluate import Result
+from circatt_cli.weights import WeightsError, card_path, load_model, sha256
 
 LABELS = {"groupcdl": "true sigma", "groupcdl-est": "estimated sigma"}
+RESULT_KEYS = {f.name for f in dataclasses.fields(Result)}
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -35,6 +38,15 @@ def read_json(path: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise SystemExit(f"cannot read {path}: {err}") from None
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    """A `circatt eval --json` output: its per-image results are checked here, not met as a KeyError later."""
+    results = read_json(path)
+    images = results.get("images") if isinstance(results, dict) else None
+    if not isinstance(images, list) or not all(isinstance(r, dict) and RESULT_KEYS <= set(r) for r in images):
+        raise SystemExit(f"{path} is not the output of `circatt eval --json` (no per-image results under 'images')")
+    return results
 
 
 def mean_rows(images: list[dict[str, Any]], without: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -95,8 +107,13 @@ def edit(card: dict[str, Any], assignment: str, append: bool) -> None:
     node = card
     for part in parents:
         node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise SystemExit(f"{assignment!r}: card field {part!r} is not an object")
     if append:
-        node.setdefault(last, []).append(value)
+        target = node.setdefault(last, [])
+        if not isinstance(target, list):
+            raise SystemExit(f"--append {assignment!r}: card field {last!r} is not a list; use --set")
+        target.append(value)
     else:
         node[last] = value
 
@@ -123,7 +140,7 @@ def main() -> None:
     if export.get("sha256") != digest or "steps" not in export:
         raise SystemExit(f"{args.weights} does not match {card_path(args.weights)} (sha256 or steps): pass the file "
                          "that scripts/export_weights.py wrote, with its card")
-    results = read_json(args.eval)
+    results = read_results(args.eval)
     if results.get("config") != export["config"]:
         raise SystemExit(f"{args.eval} evaluated a model of another config than {args.weights}")
 
@@ -133,7 +150,7 @@ def main() -> None:
     card.update(steps=export["steps"], config=export["config"], weights=dest.name, sha256=digest)
     card.setdefault("eval", {})["means"] = mean_rows(results["images"], args.without)
     if args.crosscheck:
-        card["eval"]["cpu_crosscheck"] = crosscheck(read_json(args.crosscheck), results)
+        card["eval"]["cpu_crosscheck"] = crosscheck(read_results(args.crosscheck), results)
     for assignment in args.sets:
         edit(card, assignment, append=False)
     for assignment in args.appends:
@@ -141,12 +158,18 @@ def main() -> None:
     if old and old.get("steps") != card["steps"] and not any(s.startswith("status=") for s in args.sets):
         print(f"note: the status still describes step {old['steps']}; give --set status=...")
 
-    args.into.mkdir(parents=True, exist_ok=True)
-    if dest.resolve() != args.weights.resolve():
-        shutil.copyfile(args.weights, dest)
-    shutil.copyfile(args.eval, dest.with_name(f"{dest.stem}.eval.json"))
-    card_path(dest).write_text(json.dumps(card, indent=2) + "\n")
-    load_model(dest)  # the loader's own sha256 and config checks
+    try:
+        args.into.mkdir(parents=True, exist_ok=True)
+        if dest.resolve() != args.weights.resolve():
+            shutil.copyfile(args.weights, dest)
+        shutil.copyfile(args.eval, dest.with_name(f"{dest.stem}.eval.json"))
+        card_path(dest).write_text(json.dumps(card, indent=2) + "\n")
+    except OSError as err:
+        raise SystemExit(f"cannot write into {args.into}: {err}") from None
+    try:
+        load_model(dest)  # the loader's own sha256 and config checks
+    except WeightsError as err:
+        raise SystemExit(f"the shipped weights do not load: {err}") from None
     print(f"wrote {dest} (step {card['steps']}, sha256 {digest[:16]}...), {card_path(dest)} and "
           f"{dest.stem}.eval.json")
 

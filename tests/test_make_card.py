@@ -18,14 +18,19 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "make_card.py"
 EXPORT = SCRIPT.with_name("export_weights.py")
 
 
-def export(monkeypatch, capsys, *args: object) -> tuple[int, str]:
-    """Run scripts/export_weights.py in this process (no second torch import); (exit status, stderr)."""
-    monkeypatch.setattr(sys, "argv", [str(EXPORT), *map(str, args)])
+def run_script(script: Path, monkeypatch, capsys, *args: object) -> tuple[int | str, str]:
+    """Run a script in this process (no second torch import); (exit status or SystemExit message, stderr)."""
+    monkeypatch.setattr(sys, "argv", [str(script), *map(str, args)])
     try:
-        runpy.run_path(str(EXPORT), run_name="__main__")
+        runpy.run_path(str(script), run_name="__main__")
     except SystemExit as done:
         return done.code, capsys.readouterr().err
     return 0, capsys.readouterr().err
+
+
+def export(monkeypatch, capsys, *args: object) -> tuple[int | str, str]:
+    """Run scripts/export_weights.py in this process; (exit status, stderr)."""
+    return run_script(EXPORT, monkeypatch, capsys, *args)
 
 
 def result(dataset: str, image: str, sigma: float, method: str, value: float) -> dict:
@@ -94,3 +99,23 @@ def test_export_then_make_card(tiny_config, tmp_path, monkeypatch, capsys):
     assert code == 2 and "unrecognized arguments: --card" in err
     code, err = export(monkeypatch, capsys, tmp_path / "none.pt", exported)
     assert code == 2 and "none.pt: no such file" in err
+
+
+def test_make_card_refuses_bad_inputs_in_one_line(tiny_model, tmp_path, monkeypatch, capsys):
+    exported = tmp_path / "export" / "tiny.safetensors"
+    config = save_model(tiny_model(), exported, {"steps": 3})["config"]
+    evaluation, wrong = tmp_path / "eval.json", tmp_path / "wrong.json"
+    evaluation.write_text(json.dumps({"config": config, "images": [result("A", "1.png", 25.0, "groupcdl", 30.0)]}))
+    wrong.write_text(json.dumps({"config": config, "means": []}))
+    (tmp_path / "file").write_text("x")
+
+    def make_card(*args: object) -> str:
+        code, _ = run_script(SCRIPT, monkeypatch, capsys, exported, *args)
+        assert isinstance(code, str), code  # SystemExit with a message: one line, no traceback
+        return code
+
+    assert "wrong.json is not the output of `circatt eval --json`" in make_card(wrong)
+    assert "wrong.json is not the output" in make_card(evaluation, "--crosscheck", wrong)
+    assert "card field 'a' is not an object" in make_card(evaluation, "--set", "a=1", "--set", "a.b=2")
+    assert "field 'status' is not a list" in make_card(evaluation, "--set", "status=x", "--append", "status=y")
+    assert "cannot write into" in make_card(evaluation, "--into", tmp_path / "file")
