@@ -122,6 +122,13 @@ def inspect_attention(
     except (ImageError, WeightsError) as err:
         console.print(f"[red]error:[/] {err}")
         raise typer.Exit(code=1) from None
+    except typer.BadParameter:
+        raise
+    except Exception as err:  # e.g. out of memory on a large image: one line, as in denoise; the traceback with --debug
+        console.print(f"[red]error:[/] {image_path}: {type(err).__name__}: {err}")
+        if debug:
+            console.print(traceback.format_exc())
+        raise typer.Exit(code=1) from None
     console.print(device_line)
     written = [out / "adjacency_pattern.png", out / "attention_pixels.png", out / "effective_neighbours.png"]
     try:

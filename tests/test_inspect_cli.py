@@ -85,6 +85,20 @@ def test_an_unwritable_export_is_one_line(cli, tmp_path):
     assert isinstance(result.exception, SystemExit)  # a one-line error, not an uncaught exception
 
 
+def test_a_failing_model_run_is_one_line_and_its_traceback_comes_with_debug(cli, tmp_path, monkeypatch):
+    from circatt_cli.model import GroupCDL
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: not enough memory (simulated)")
+
+    Image.fromarray(noisy(16, 16)).save(tmp_path / "a.png")
+    monkeypatch.setattr(GroupCDL, "attention_at", fail)
+    result = cli("inspect-attention", "a.png", "--out", "o")
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert "error: a.png: RuntimeError: DefaultCPUAllocator" in result.output and "Traceback" not in result.output
+    assert "Traceback" in cli("inspect-attention", "a.png", "--out", "o", "--debug").output
+
+
 def test_missing_weights_is_one_line(cli, tmp_path, monkeypatch):
     Image.fromarray(noisy(16, 16)).save(tmp_path / "a.png")
     monkeypatch.setenv("CIRCATT_WEIGHTS", str(tmp_path / "empty"))
