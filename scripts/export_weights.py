@@ -32,7 +32,10 @@ def main() -> None:
         model, step = load_checkpoint_model(args.checkpoint)
     except DataError as err:
         raise SystemExit(str(err)) from None
-    card = save_model(model, args.out, {"steps": step})
+    try:
+        card = save_model(model, args.out, {"steps": step})
+    except OSError as err:
+        raise SystemExit(f"cannot write {args.out}: {err}") from None
     print(f"wrote {args.out} (step {step}, sha256 {card['sha256'][:16]}...) and {card_path(args.out)}; "
           "ship them with scripts/make_card.py")
 

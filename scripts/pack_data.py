@@ -21,8 +21,11 @@ def pack(folder: Path, out: Path) -> int:
     files = image_files(folder)
     if not files:
         raise SystemExit(f"no images found in {folder}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, **{p.name: np.frombuffer(p.read_bytes(), dtype=np.uint8) for p in files})
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(out, **{p.name: np.frombuffer(p.read_bytes(), dtype=np.uint8) for p in files})
+    except OSError as err:
+        raise SystemExit(f"cannot write {out}: {err}") from None
     return out.stat().st_size
 
 
@@ -33,6 +36,8 @@ def main() -> None:
     args = parser.parse_args()
     if not args.folder.is_dir():
         raise SystemExit(f"not a folder: {args.folder}")
+    if args.out.suffix != ".npz":  # np.savez would add .npz to any other name, and train reads only .npz packs
+        parser.error(f"{args.out}: the pack must end in .npz")
     size = pack(args.folder, args.out)
     print(f"wrote {args.out} ({size / 2**20:.1f} MiB)")
 

@@ -1,5 +1,5 @@
 """scripts/make_card.py: ships exported weights and regenerates their card, keeping hand-written fields;
-scripts/export_weights.py: exports a training checkpoint for it."""
+scripts/export_weights.py: exports a training checkpoint for it; scripts/pack_data.py: packs training images."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import runpy
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
 
 from circatt_cli.evaluate import run_eval, write_json
 from circatt_cli.train import TrainOptions, run
@@ -119,3 +121,23 @@ def test_make_card_refuses_bad_inputs_in_one_line(tiny_model, tmp_path, monkeypa
     assert "card field 'a' is not an object" in make_card(evaluation, "--set", "a=1", "--set", "a.b=2")
     assert "field 'status' is not a list" in make_card(evaluation, "--set", "status=x", "--append", "status=y")
     assert "cannot write into" in make_card(evaluation, "--into", tmp_path / "file")
+
+
+def test_export_and_pack_errors_are_one_line(tiny_config, tmp_path, monkeypatch, capsys):
+    from circatt_cli.data import load_images
+
+    images = smooth_images(tmp_path / "images", 2, 24, 24, channels=1)
+    run(TrainOptions(data=images, out=tmp_path / "run", config=tiny_config(), steps=1, batch=1, crop=16,
+                     device="cpu", progress=False))
+    (tmp_path / "file").write_text("x")
+    code, _ = export(monkeypatch, capsys, tmp_path / "run" / "last.pt", tmp_path / "file" / "w.safetensors")
+    assert isinstance(code, str) and code.startswith("cannot write"), code
+
+    pack = SCRIPT.with_name("pack_data.py")
+    assert run_script(pack, monkeypatch, capsys, images, tmp_path / "p.npz") == (0, "")
+    packed, folder = load_images(tmp_path / "p.npz", 1), load_images(images, 1)
+    assert len(packed) == 2 and all(torch.equal(a, b) for a, b in zip(packed, folder))
+    code, err = run_script(pack, monkeypatch, capsys, images, tmp_path / "p.pack")
+    assert code == 2 and "must end in .npz" in err and not (tmp_path / "p.pack.npz").exists()
+    code, _ = run_script(pack, monkeypatch, capsys, images, tmp_path / "file" / "p.npz")
+    assert isinstance(code, str) and code.startswith("cannot write"), code
