@@ -318,6 +318,8 @@ def denoise(
 ) -> None:
     """Denoise images with GroupCDL; writes <stem>_denoised.<ext> beside each input by default."""
     console = Console(highlight=False)
+    if seed is not None and add_noise_sigma is None:
+        raise typer.BadParameter("it seeds the noise of --add-noise, which was not given", param_hint="--seed")
     torch_device, device_line = resolve_device(device)
     sources, errors = expand_inputs(inputs, recursive)
     as_file = check_output_option(output, len(sources))

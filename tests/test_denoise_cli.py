@@ -169,6 +169,7 @@ def test_usage_errors(cli, tmp_path):
         (("--sigma", "-3"), "--sigma"),
         (("--model", "nowhere.safetensors"), "--model"),
         (("--jpeg-quality", "0"), "--jpeg-quality"),
+        (("--seed", "3"), "--add-noise"),
     ):
         result = cli("denoise", "a.png", *args)
         assert result.exit_code == 2 and text in result.output and "Traceback" not in result.output
