@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .data import to_uint8
 from .devices import resolve_device
-from .imageio import ImageError, read_image
+from .imageio import ImageError, quantize, read_image
 from .metrics import psnr, ssim
 from .model import DEFAULT_PRESET, PRESETS, GroupCDL
 from .noise import add_noise, estimate_sigma
@@ -47,7 +47,11 @@ class Result:
 def load_image(path: Path, channels: int) -> Tensor:
     """(1, channels, H, W) float in [0, 1] at 8 bits; RGB files become 8-bit luma for a gray model, gray files
     RGB copies (data.to_uint8)."""
-    array = to_uint8(read_image(path), channels)
+    return _from_uint8(to_uint8(read_image(path), channels))
+
+
+def _from_uint8(array: np.ndarray) -> Tensor:
+    """(H, W, C) uint8 -> (1, C, H, W) float in [0, 1]."""
     return torch.from_numpy(array).permute(2, 0, 1)[None].float() / 255.0
 
 
@@ -59,21 +63,17 @@ def run_model(model: GroupCDL, noisy: Tensor, sigma: float) -> Tensor:
     return out.clamp(0.0, 1.0).cpu()
 
 
-def _to_uint8(img: Tensor) -> np.ndarray:
-    return (img[0].clamp(0, 1) * 255.0).round().byte().permute(1, 2, 0).numpy()
-
-
 def nlm(noisy: Tensor, sigma: float) -> Tensor:
     """OpenCV non-local means (on the clipped, 8-bit noisy image, as OpenCV requires), h = 0.8 sigma."""
     import cv2
 
-    img = _to_uint8(noisy)
+    img = quantize(noisy[0].permute(1, 2, 0).numpy(), 8)
     h = 0.8 * sigma
     if img.shape[-1] == 1:
         out = cv2.fastNlMeansDenoising(img[..., 0], None, h, 7, 21)[..., None]
     else:
         out = cv2.fastNlMeansDenoisingColored(img, None, h, h, 7, 21)
-    return torch.from_numpy(out).permute(2, 0, 1)[None].float() / 255.0
+    return _from_uint8(out)
 
 
 def bm3d_peer(noisy: Tensor, sigma: float) -> Tensor:
