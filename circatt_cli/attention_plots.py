@@ -7,17 +7,28 @@ builds the dense hw x hw matrix of a large image.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
 
 import circatt_ops as ca
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
 OVERVIEW_DOTS = 512
 ZOOM_ROWS = 256
+
+
+def _figure(width: float, height: float) -> Figure:
+    """A matplotlib figure, imported here: matplotlib takes a quarter of a second to import, and every
+    `circatt` command imports this module."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=100)
 
 
 def occupancy(G: ca.Circulant, dots: int = OVERVIEW_DOTS) -> np.ndarray:
@@ -107,7 +118,7 @@ def save_pattern(G: ca.Circulant, path: Path) -> None:
     """The whole hw x hw pattern (downsampled occupancy) beside a zoomed top-left block of weights."""
     h, w = G.spatial_size
     n = h * w
-    fig = Figure(figsize=(12, 6), dpi=100)
+    fig = _figure(12, 6)
     left, right = fig.subplots(1, 2)
     left.imshow(occupancy(G), cmap="Greys", interpolation="nearest", extent=(0, n, n, 0))
     left.set_title(f"{n:,} x {n:,} adjacency ({h}x{w} latent pixels), window {G.window}\n"
@@ -126,6 +137,8 @@ def save_pattern(G: ca.Circulant, path: Path) -> None:
 
 def _window_rects(center: tuple[int, int], window: int, size: tuple[int, int], stride: int) -> list[Rectangle]:
     """The window around a latent pixel, in image coordinates, split where it wraps around the edges."""
+    from matplotlib.patches import Rectangle
+
     h, w = size
     r = window // 2
     rects = []
@@ -141,7 +154,7 @@ def _window_rects(center: tuple[int, int], window: int, size: tuple[int, int], s
 def save_pixel_maps(G: ca.Circulant, gray: np.ndarray, pixels: dict[str, tuple[int, int]], path: Path, stride: int = 2) -> None:
     """One panel per chosen pixel: its attention weights over the image, the wrapped window outlined."""
     H, W = gray.shape
-    fig = Figure(figsize=(5 * len(pixels), 5.4), dpi=100)
+    fig = _figure(5 * len(pixels), 5.4)
     axes = np.atleast_1d(fig.subplots(1, len(pixels)))
     pad = (H % 2, W % 2)
     for ax, (name, (y, x)) in zip(axes, pixels.items()):
@@ -165,7 +178,7 @@ def save_pixel_maps(G: ca.Circulant, gray: np.ndarray, pixels: dict[str, tuple[i
 def save_neighbours(G: ca.Circulant, gray: np.ndarray, path: Path) -> np.ndarray:
     """The image beside exp(entropy) per latent pixel; returns that map."""
     eff = effective_neighbours(G)
-    fig = Figure(figsize=(11, 5), dpi=100)
+    fig = _figure(11, 5)
     left, right = fig.subplots(1, 2)
     left.imshow(gray, cmap="gray", vmin=0, vmax=1)
     left.set_title("input")
@@ -183,7 +196,7 @@ def save_kernel(kernel: torch.Tensor, path: Path) -> None:
     """A BCCB kernel (h, w) with offset (0, 0) at the centre, on a log scale."""
     h, w = kernel.shape
     centred = torch.roll(kernel.detach().float().cpu(), shifts=(h // 2, w // 2), dims=(0, 1)).numpy()
-    fig = Figure(figsize=(6, 5.4), dpi=100)
+    fig = _figure(6, 5.4)
     ax = fig.subplots()
     im = ax.imshow(np.log10(np.maximum(centred, 1e-12)), cmap="viridis", extent=(-w // 2, w - w // 2, h - h // 2, -h // 2))
     ax.set_title("BCCB kernel of theta, phi: log10 weight per offset (latent)")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import torch
 from PIL import Image
@@ -125,3 +128,10 @@ def test_maps_match_the_dense_matrix():
     p = dense.double()
     entropy = -(p * torch.log(p.clamp_min(1e-300))).sum(-1)
     assert np.allclose(plots.effective_neighbours(G).ravel(), torch.exp(entropy).numpy(), rtol=1e-4)
+
+
+def test_the_cli_does_not_import_matplotlib_until_it_draws():
+    """matplotlib takes a quarter of a second to import; commands that draw nothing do not pay it."""
+    code = "import sys, circatt_cli.app; print('matplotlib' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stdout + done.stderr
