@@ -12,18 +12,18 @@ import torch
 from typer.testing import CliRunner
 
 from circatt_cli.app import app
-
-
-def invoke(args: list[str]) -> tuple[int, str]:
-    """Run the CLI; the output with rich's box drawing and line wrapping flattened to single spaces."""
-    result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
-    return result.exit_code, " ".join(result.output.replace("│", " ").split())
 from circatt_cli.evaluate import available_peers, load_image, run_eval
 from circatt_cli.metrics import psnr
 from circatt_cli.model import preset_for
 from circatt_cli.noise import add_noise
 from circatt_cli.weights import preset_weights
 from synthetic import smooth_images
+
+
+def invoke(args: list[str]) -> tuple[int, str]:
+    """Run the CLI; the output with rich's box drawing and line wrapping flattened to single spaces."""
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+    return result.exit_code, " ".join(result.output.replace("│", " ").split())
 
 
 @pytest.fixture

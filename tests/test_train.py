@@ -12,15 +12,15 @@ import torch
 from typer.testing import CliRunner
 
 from circatt_cli.app import app
+from circatt_cli.data import CropSampler, augment, load_images
+from circatt_cli.train import Dist, StopSignal, Trainer, TrainOptions, learning_rate, run
+from synthetic import smooth_images
 
 
 def invoke(args: list[str]) -> tuple[int, str]:
     """Run the CLI; the output with rich's box drawing and line wrapping flattened to single spaces."""
     result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
     return result.exit_code, " ".join(result.output.replace("│", " ").split())
-from circatt_cli.data import CropSampler, augment, load_images
-from circatt_cli.train import Dist, StopSignal, Trainer, TrainOptions, learning_rate, run
-from synthetic import smooth_images
 
 
 @pytest.fixture
