@@ -83,16 +83,22 @@ def _open(path: Path) -> Image.Image:
     if path.is_dir():
         raise ImageError(f"{path}: is a folder, not an image (use --recursive to denoise a folder)")
     format_for(path)
+    return _open_image(path, str(path))
+
+
+def _open_image(source: Path | io.BytesIO, name: str) -> Image.Image:
+    """Image.open of a file or of encoded bytes, in one of the formats this module reads; `name` labels the errors."""
     try:
-        img = Image.open(path)
+        img = Image.open(source)
     except UnidentifiedImageError:
-        raise ImageError(f"{path}: not a readable image (corrupt, or not a PNG/JPEG/TIFF/WebP/BMP file)") from None
+        raise ImageError(f"{name}: not a readable image (corrupt, or not a PNG/JPEG/TIFF/WebP/BMP file)") from None
     except PermissionError:
-        raise ImageError(f"{path}: permission denied") from None
+        raise ImageError(f"{name}: permission denied") from None
     except OSError as err:
-        raise ImageError(f"{path}: cannot be read ({err})") from None
+        raise ImageError(f"{name}: cannot be read ({err})") from None
     if img.format not in FORMATS.values():
-        raise ImageError(f"{path}: {img.format} images are not supported; use PNG, JPEG, TIFF, WebP or BMP")
+        img.close()
+        raise ImageError(f"{name}: {img.format} images are not supported; use PNG, JPEG, TIFF, WebP or BMP")
     return img
 
 
@@ -138,13 +144,7 @@ def read_image(path: str | Path) -> ImageData:
 
 def decode_image(data: bytes, name: str) -> ImageData:
     """`read_image` for a file's encoded bytes (e.g. from a training pack); `name` labels the errors."""
-    try:
-        img = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, OSError):
-        raise ImageError(f"{name}: not a readable image (corrupt, or not a PNG/JPEG/TIFF/WebP/BMP file)") from None
-    if img.format not in FORMATS.values():
-        raise ImageError(f"{name}: {img.format} images are not supported; use PNG, JPEG, TIFF, WebP or BMP")
-    return _read(img, name)
+    return _read(_open_image(io.BytesIO(data), name), name)
 
 
 def _read(img: Image.Image, name: str) -> ImageData:
