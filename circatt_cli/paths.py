@@ -72,9 +72,12 @@ def output_is_file(output: Path | None, count: int) -> bool:
     """Whether -o names one output file rather than a folder: a name with an extension that is not a folder.
 
     Raises ValueError where -o cannot work: a file for several inputs, a file type that cannot be
-    written, or an existing file given as a folder."""
+    written, or an existing file given as a folder or as one of its folders."""
     if output is None or output.is_dir():
         return False
+    inside = next((p for p in output.parents if p.exists() and not p.is_dir()), None)
+    if inside is not None:
+        raise ValueError(f"{inside} is a file, not a folder: -o {output} cannot be written inside it")
     if not output.suffix:
         if output.exists():
             raise ValueError(f"{output} exists and is not a folder; give a folder or an image file name")

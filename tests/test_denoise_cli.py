@@ -139,7 +139,9 @@ def test_an_output_option_that_cannot_work_is_a_usage_error(cli, tmp_path):
     (tmp_path / "notes").write_text("text")
     for args, words in ((["a.png", "-o", "result.txt"], "cannot write '.txt'"),
                         (["a.png", "b.png", "-o", "out.png"], "2 inputs"),
-                        (["a.png", "-o", "notes"], "not a folder")):
+                        (["a.png", "-o", "notes"], "not a folder"),
+                        (["a.png", "b.png", "-o", "notes/out"], "notes is a file"),
+                        (["a.png", "-o", "notes/out.png"], "notes is a file")):
         result = cli("denoise", *args, "--sigma", "10")
         assert result.exit_code == 2 and words in result.output and "Traceback" not in result.output, result.output
     assert not (tmp_path / "result.txt").exists() and (tmp_path / "notes").read_text() == "text"
