@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import statistics
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -173,6 +174,12 @@ def write_csv(path: Path, results: list[Result]) -> None:
         writer.writerows(asdict(r) for r in results)
 
 
+def dataset_name(folder: Path) -> str:
+    """The name results are grouped under: the folder's name as given, made absolute for `.` or `..`
+    (not resolved: a link keeps its own name)."""
+    return Path(os.path.abspath(folder)).name
+
+
 def check_image_folders(folders: list[Path], option: str) -> None:
     """Every folder exists and holds images; a usage error for `option` if not (eval's --data, train's --val-dir)."""
     for folder in folders:
@@ -237,11 +244,11 @@ def run_eval(
 
     An unreadable image raises ImageError, or with `on_error` is reported to it and skipped."""
     console = console or Console(stderr=True, emoji=False)
-    jobs = [(folder, path) for folder in folders for path in image_files(folder)[:limit]]
+    jobs = [(dataset_name(folder), path) for folder in folders for path in image_files(folder)[:limit]]
     results: list[Result] = []
     with _progress(console) as bar:
         task = bar.add_task("eval", total=len(jobs) * len(sigmas))
-        for folder, path in jobs:
+        for dataset, path in jobs:
             try:
                 clean = load_image(path, model.config.channels)
             except ImageError as err:
@@ -251,8 +258,8 @@ def run_eval(
                 bar.advance(task, len(sigmas))
                 continue
             for sigma in sigmas:
-                bar.update(task, description=f"{folder.name}/{path.name} sigma {sigma:g}")
-                results.extend(evaluate_image(model, clean, folder.name, path.name, sigma, estimate, peers or {}))
+                bar.update(task, description=f"{dataset}/{path.name} sigma {sigma:g}")
+                results.extend(evaluate_image(model, clean, dataset, path.name, sigma, estimate, peers or {}))
                 bar.advance(task)
     return results
 
@@ -272,6 +279,10 @@ def eval_command(
     """PSNR / SSIM of a model on folders of clean images, with fixed-seed noise per image (the noise that
     `circatt denoise FILE --add-noise SIGMA` adds)."""
     check_image_folders(data, "--data")
+    names = [dataset_name(folder) for folder in data]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:  # results are keyed by the folder's name: two such folders would be scored as one dataset
+        raise typer.BadParameter(f"two --data folders are named {twice[0]!r}; results are grouped by folder name", param_hint="--data")
     for option, path in (("--json", json_path), ("--csv", csv_path)):
         if path is not None:
             _check_writable(path, option)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -139,3 +140,15 @@ def test_results_files_that_cannot_be_written_are_refused_first(folder, weights,
     assert code == 2 and "cannot be written" in out and "Traceback" not in out, out
     code, out = invoke(base + ["--json", str(tmp_path / "r.json"), "--csv", str(tmp_path / "r.csv")])
     assert code == 0 and (tmp_path / "r.json").exists() and (tmp_path / "r.csv").exists()
+
+
+def test_datasets_are_named_and_told_apart(folder, weights, tmp_path, monkeypatch):
+    (tmp_path / "elsewhere").mkdir()
+    other = smooth_images(tmp_path / "elsewhere" / folder.name, 1, 20, 24, channels=1)
+    code, out = invoke(["eval", "--model", str(weights), "--data", str(folder), "--data", str(other), "--sigma", "25"])
+    assert code == 2 and f"two --data folders are named '{folder.name}'" in out, out
+    from circatt_cli.weights import load_model
+
+    monkeypatch.chdir(folder)
+    results = run_eval(load_model(weights), [Path(".")], [25.0])
+    assert {r.dataset for r in results} == {folder.name}  # was '' for `--data .`
