@@ -40,7 +40,7 @@ def occupancy(G: ca.Circulant, dots: int = OVERVIEW_DOTS) -> np.ndarray:
     n = h * w
     dots = min(dots, n)
     rows = torch.linspace(0, n - 1, steps=min(n, 4 * dots)).round().long()
-    cols = ca.key_indices(h, w, G.window)[rows]
+    cols = ca.key_indices(h, w, G.window, rows=rows)
     picture = np.zeros((dots, dots), dtype=bool)
     picture[(rows * dots // n)[:, None].expand_as(cols).numpy(), (cols * dots // n).numpy()] = True
     return picture
@@ -50,7 +50,7 @@ def zoom_block(G: ca.Circulant, size: int = ZOOM_ROWS) -> np.ndarray:
     """The top-left size x size block of the matrix with its weights (0 off the pattern)."""
     h, w = G.spatial_size
     size = min(size, h * w)
-    cols = ca.key_indices(h, w, G.window)[:size]
+    cols = ca.key_indices(h, w, G.window, rows=torch.arange(size))
     vals = G.flat_values[0, 0].reshape(h * w, -1)[:size].detach().float().cpu()
     block = np.zeros((size, size), dtype=np.float32)
     inside = cols < size
@@ -61,7 +61,7 @@ def zoom_block(G: ca.Circulant, size: int = ZOOM_ROWS) -> np.ndarray:
 def attention_map(G: ca.Circulant, i: int, j: int) -> np.ndarray:
     """The weights of latent query (i, j) over the latent grid (h, w), the window wrapping around."""
     h, w = G.spatial_size
-    cols = ca.key_indices(h, w, G.window)[i * w + j]
+    cols = ca.key_indices(h, w, G.window, rows=torch.tensor([i * w + j]))[0]
     vals = G.flat_values[0, 0, i, j].detach().float().cpu()
     out = np.zeros(h * w, dtype=np.float32)
     np.add.at(out, cols.numpy(), vals.numpy())

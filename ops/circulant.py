@@ -15,15 +15,18 @@ from .spy import braille, pattern_mask
 _DENSE_LIMIT = 1 << 26  # entries of to_dense() before we refuse
 
 
-def key_indices(height: int, width: int, window: int, device: torch.device | None = None) -> torch.Tensor:
-    """(HW, K) linear key index of every (query pixel, slot): the column of each stored entry."""
+def key_indices(
+    height: int, width: int, window: int, device: torch.device | None = None, rows: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(HW, K) linear key index of every (query pixel, slot): the column of each stored entry; with
+    `rows` (linear query indices) only those rows, (len(rows), K), at a cost independent of HW."""
     r = (window - 1) // 2
     off = torch.arange(window, device=device) - r
-    i = torch.arange(height, device=device).view(height, 1, 1, 1)
-    j = torch.arange(width, device=device).view(1, width, 1, 1)
-    rows = (i + off.view(1, 1, window, 1)) % height
-    cols = (j + off.view(1, 1, 1, window)) % width
-    return (rows * width + cols).reshape(height * width, window * window)
+    n = torch.arange(height * width, device=device) if rows is None else torch.as_tensor(rows, device=device).reshape(-1)
+    i, j = (n // width).view(-1, 1, 1), (n % width).view(-1, 1, 1)
+    key_rows = (i + off.view(1, window, 1)) % height
+    key_cols = (j + off.view(1, 1, window)) % width
+    return (key_rows * width + key_cols).reshape(-1, window * window)
 
 
 class Circulant:

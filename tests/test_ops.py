@@ -8,7 +8,7 @@ from torch.autograd import gradcheck
 
 import circatt_ops as ca
 from conftest import CPU_BACKENDS, poison_allocator
-from dense import dense_adjacency, dense_apply, dense_similarity
+from dense import dense_adjacency, dense_apply, dense_similarity, window_mask
 
 # (H, W, window, heads, C): non-square everywhere, one window of 15.
 SHAPES = [(5, 7, 1, 1, 3), (5, 7, 3, 4, 8), (6, 9, 5, 1, 2), (8, 6, 5, 4, 4), (16, 17, 15, 2, 4)]
@@ -215,3 +215,13 @@ def test_spy_shows_band_and_wrap_corners():
     lines = pic.splitlines()
     assert lines[0][0] != "\u2800" and lines[0][-1] != "\u2800"   # diagonal, and the wrap at the top right
     assert lines[len(lines) // 2][0] == "\u2800"                 # nothing far from the band
+
+
+@pytest.mark.parametrize("H, W, window", [(7, 9, 5), (20, 13, 3), (5, 5, 5)])
+def test_key_indices_match_the_window_and_a_row_subset(H, W, window):
+    full = ca.key_indices(H, W, window)
+    mask = torch.zeros(H * W, H * W, dtype=torch.bool)
+    mask[torch.arange(H * W).unsqueeze(1), full] = True
+    assert torch.equal(mask, window_mask(H, W, window))
+    rows = torch.tensor([0, H * W - 1, W + 2, 3])
+    assert torch.equal(ca.key_indices(H, W, window, rows=rows), full[rows])
