@@ -384,8 +384,8 @@ class CsrPeer(Peer):
         return csr_apply(values, x, crow=crow, col=col)
 
     def extra_bytes(self, op, case, itemsize, backward):
-        entries = case.pixels * case.slots
-        return entries * 8 + case.batch * case.heads * entries * itemsize * (3 if backward else 1)
+        entries = case.pixels * case.slots  # the pattern: int64 columns and slot order per entry
+        return entries * 16 + case.batch * case.heads * entries * itemsize * (3 if backward else 1)
 
 
 class SdpaPeer(Peer):
