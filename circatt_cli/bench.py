@@ -26,6 +26,7 @@ from circatt_ops import backends
 
 from . import __version__, tiling
 from .bench_report import print_report, write_csv, write_json, write_plot
+from .console import print_error
 from .denoise import bytes_per_pixel, denoiser, tile_margin
 from .devices import resolve_device
 from .model import DEFAULT_PRESET, PRESETS, GroupCDL, GroupCDLConfig
@@ -605,7 +606,7 @@ def run_bench(settings: Settings, console: Console) -> tuple[list[Row], Ceilings
         backends.resolve(None, settings.device)  # builds our kernels on first use (cached), outside the timings
     except Exception as err:  # a broken build skips our rows (saying why) instead of stopping the bench
         reason = f"our {settings.device.type} kernels are unavailable: {str(err).splitlines()[-1] if str(err) else type(err).__name__}"
-        console.print(f"[red]{reason}[/]")
+        print_error(console, reason)
         peers = [Unavailable(p, reason) if getattr(p, "backend", None) == settings.device.type else p for p in peers]
     if time.perf_counter() - t0 > 1:
         console.print(f"kernels ready in {time.perf_counter() - t0:.0f} s (built once, cached)")
@@ -675,7 +676,7 @@ def bench(
         if plot_path:
             write_plot(plot_path, rows, name)
     except OSError as err:
-        console.print(f"[red]error:[/] cannot write the results: {err}")
+        print_error(console, f"cannot write the results: {err}")
         raise typer.Exit(1) from None
     ours = "cuda" if settings.device.type == "cuda" else "cpu"
     failed = [r for r in rows if r.status == "WRONG" or (r.status == "error" and r.impl == ours)]

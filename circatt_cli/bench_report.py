@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.table import Table
 
+from .console import escape
+
 if TYPE_CHECKING:
     from .bench import Row
     from .timing import Ceilings
@@ -55,7 +57,7 @@ def _table(title: str, rows: Sequence[Row]) -> Table:
             _fmt(r.x_floor, ".3g"),
             _fmt(r.peak_mem_mb, ".4g"),
             _fmt(r.ours_speedup, ".3g", "x"),
-            r.note,
+            escape(r.note),  # may quote an exception's message
         )
     return table
 

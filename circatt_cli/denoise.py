@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import tiling
+from .console import escape, make_console, print_error
 from .devices import describe, resolve_device
 from .imageio import ImageData, ImageError, read_image, write_image
 from .model import PRESETS, preset_for
@@ -188,7 +189,7 @@ def process(job: Job, source: Source, target: Path, progress: Progress, tiles_ta
     given = job.sigma255 is not None
     sigma = job.sigma255 / 255.0 if given else estimate(to_tensor(noisy, job.device))
     outcome.sigma = f"{sigma * 255:.1f}" + ("" if given else " (est.)")
-    progress.console.print(f"{source.path}: sigma {sigma * 255:.2f} ({'given' if given else 'estimated'}, 0-255 scale)")
+    progress.console.print(f"{escape(str(source.path))}: sigma {sigma * 255:.2f} ({'given' if given else 'estimated'}, 0-255 scale)")
     clean = run_model(job, image.with_pixels(noisy), sigma, progress, tiles_task)
     target.parent.mkdir(parents=True, exist_ok=True)
     write_image(image.with_pixels(clean), target, jpeg_quality=job.jpeg_quality, overwrite=job.overwrite)
@@ -234,8 +235,8 @@ def summary_table(outcomes: list[Outcome], device: str) -> Table:
         table.add_column("PSNR in -> out (dB)", justify="right")
         table.add_column("SSIM in -> out", justify="right")
     for o in outcomes:
-        row = [str(o.source), o.size, o.sigma, device, f"{o.seconds:.2f} s" if not o.error else "",
-               o.output if not o.error else f"[red]failed: {o.error}[/]"]
+        row = [escape(str(o.source)), o.size, o.sigma, device, f"{o.seconds:.2f} s" if not o.error else "",
+               escape(o.output) if not o.error else f"[red]failed: {escape(o.error)}[/]"]
         if with_scores:
             (pi, si), (po, so) = o.scores.get("input", (np.nan, np.nan)), o.scores.get("output", (np.nan, np.nan))
             row += [f"{pi:.2f} -> {po:.2f}", f"{si:.4f} -> {so:.4f}"]
@@ -246,7 +247,7 @@ def summary_table(outcomes: list[Outcome], device: str) -> Table:
 def make_progress(console: Console) -> Progress:
     """A progress display with a bar over images and one over the tiles of the current image."""
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=console, transient=False,
     )
 
@@ -257,7 +258,7 @@ def report_failure(console: Console, outcome: Outcome, err: BaseException, debug
         outcome.error = str(err).removeprefix(f"{outcome.source}: ")
     else:
         outcome.error = f"{type(err).__name__}: {err}"
-    console.print(f"[red]error:[/] {outcome.source}: {outcome.error}", highlight=False)
+    print_error(console, f"{outcome.source}: {outcome.error}")
     if debug:
         console.print_exception()
 
@@ -317,7 +318,7 @@ def denoise(
     debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
 ) -> None:
     """Denoise images with GroupCDL; writes <stem>_denoised.<ext> beside each input by default."""
-    console = Console(highlight=False)
+    console = make_console()
     if seed is not None and add_noise_sigma is None:
         raise typer.BadParameter("it seeds the noise of --add-noise, which was not given", param_hint="--seed")
     torch_device, device_line = resolve_device(device)
@@ -328,10 +329,10 @@ def denoise(
     job.models.preload()
     console.print(device_line)
     for line in errors:
-        console.print(f"[red]error:[/] {line}")
+        print_error(console, line)
     planned, refused = plan_outputs(sources, output, as_file, overwrite)
     for o in refused:
-        console.print(f"[red]error:[/] {o.source}: {o.error}")
+        print_error(console, f"{o.source}: {o.error}")
     outcomes = run_all(job, planned, console, debug) + refused
     console.print(summary_table(outcomes, describe(torch_device)))
     if errors or any(o.error for o in outcomes):

@@ -15,11 +15,11 @@ import numpy as np
 import torch
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from torch import Tensor
 
+from .console import escape, make_console, print_error, print_note
 from .data import to_uint8
 from .devices import resolve_device
 from .imageio import ImageError, quantize, read_image
@@ -243,7 +243,7 @@ def run_eval(
     """Evaluate on every (folder, image, sigma) with a rich progress bar; returns the per-image results.
 
     An unreadable image raises ImageError, or with `on_error` is reported to it and skipped."""
-    console = console or Console(stderr=True, emoji=False)
+    console = console or make_console(stderr=True)
     jobs = [(dataset_name(folder), path) for folder in folders for path in image_files(folder)[:limit]]
     results: list[Result] = []
     with _progress(console) as bar:
@@ -289,13 +289,13 @@ def eval_command(
     sigmas = _parse_sigmas(sigma)
     torch_device, _ = resolve_device(device)
     peer_fns, notes = available_peers(_parse_peers(peers))
-    console = Console(emoji=False)  # file names are printed as they are: no markup, no :emoji: codes
+    console = make_console()
     for note in notes:
-        console.print(f"[yellow]note:[/] {note}")
+        print_note(console, note)
     try:
         net = load_model(model, torch_device)
     except WeightsError as err:
-        console.print(f"[red]error:[/] {escape(str(err))}")
+        print_error(console, err)
         raise typer.Exit(2) from None
     errors: list[str] = []
     results = run_eval(net, data, sigmas, estimate_sigma_, peer_fns, limit, on_error=errors.append)
@@ -309,10 +309,10 @@ def eval_command(
         if csv_path:
             write_csv(csv_path, results)
     except OSError as err:
-        console.print(f"[red]error:[/] cannot write the results: {escape(str(err))}")
+        print_error(console, f"cannot write the results: {err}")
         raise typer.Exit(1) from None
     for error in errors:
-        console.print(f"[red]error:[/] {escape(error)} (left out)")
+        print_error(console, f"{error} (left out)")
     if errors:
         raise typer.Exit(1)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import traceback
 import warnings
 from pathlib import Path
 from typing import Annotated, Optional
@@ -10,12 +9,12 @@ from typing import Annotated, Optional
 import numpy as np
 import torch
 import typer
-from rich.console import Console
 from rich.table import Table
 
 import circatt_ops as ca
 
 from . import attention_plots as plots
+from .console import escape, make_console, print_error
 from .denoise import Models, estimate, to_tensor
 from .devices import resolve_device
 from .imageio import ImageError, read_image, to_channels
@@ -101,7 +100,7 @@ def inspect_attention(
     debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
 ) -> None:
     """Draw the layer's circulant adjacency: sparsity pattern, pixel attention maps, effective neighbours."""
-    console = Console(highlight=False)
+    console = make_console()
     torch_device, device_line = resolve_device(device)
     if export_path is not None and not export_path.parent.is_dir():  # checked now, not after the model ran
         raise typer.BadParameter(f"the folder of {export_path} does not exist", param_hint="--export")
@@ -120,14 +119,14 @@ def inspect_attention(
         s = sigma / 255.0 if sigma is not None else estimate(x)
         G, theta, phi = net.attention_at(x, torch.tensor([s], device=torch_device), layer)
     except (ImageError, WeightsError) as err:
-        console.print(f"[red]error:[/] {err}")
+        print_error(console, err)
         raise typer.Exit(code=1) from None
     except typer.BadParameter:
         raise
     except Exception as err:  # e.g. out of memory on a large image: one line, as in denoise; the traceback with --debug
-        console.print(f"[red]error:[/] {image_path}: {type(err).__name__}: {err}")
+        print_error(console, f"{image_path}: {type(err).__name__}: {err}")
         if debug:
-            console.print(traceback.format_exc())
+            console.print_exception()
         raise typer.Exit(code=1) from None
     console.print(device_line)
     written = [out / "adjacency_pattern.png", out / "attention_pixels.png", out / "effective_neighbours.png"]
@@ -143,16 +142,16 @@ def inspect_attention(
             export(G, export_path, layer, image.size)
             written.append(export_path)
     except OSError as err:
-        console.print(f"[red]error:[/] cannot write the results: {err}")
+        print_error(console, f"cannot write the results: {err}")
         if debug:
-            console.print(traceback.format_exc())
+            console.print_exception()
         raise typer.Exit(code=1) from None
     console.print(G.detach().spy(width=32))
     console.print(summary(G, layer, eff, image.size, s))
     for name, (y, x) in picks.items():
         console.print(f"pixel {name}: ({y}, {x}) -> latent {plots.to_latent(y, x, image.size)}")
     for path in written:
-        console.print(f"wrote {path}")
+        console.print(f"wrote {escape(str(path))}")
 
 
 def register(app: typer.Typer) -> None:

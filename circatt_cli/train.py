@@ -21,11 +21,11 @@ import torch
 import torch.distributed as dist
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .console import make_console, print_error, print_note
 from .data import CropSampler, DataError, load_images
 from .devices import resolve_device
 from .evaluate import check_image_folders, run_eval
@@ -247,7 +247,7 @@ class Trainer:
             raise DataError(f"{path} holds a different model config ({state['config']}); use another --out or --preset")
         same_world = state["world"] == self.ctx.world
         if not same_world and self.ctx.main:
-            self.console.print(f"[yellow]note:[/] world size {state['world']} -> {self.ctx.world}: data streams reseeded")
+            print_note(self.console, f"world size {state['world']} -> {self.ctx.world}: data streams reseeded")
         self.restore(state, state["samplers"][self.ctx.rank] if same_world else None)
         set_rng_states(state["rng"])
         self.anchor = self.capture()
@@ -374,7 +374,7 @@ def _flags(trainer: Trainer, stop: StopSignal, started: float, last_save: float)
 def run(opts: TrainOptions, console: Console | None = None) -> dict:
     """Train until `steps` (or stop_at / max_minutes / SIGTERM); checkpoint and return a summary."""
     ctx = setup_distributed(opts.device)
-    console = console or Console(emoji=False)
+    console = console or make_console()
     try:
         return _run(opts, ctx, console)
     finally:
@@ -396,7 +396,7 @@ def _run(opts: TrainOptions, ctx: Dist, console: Console) -> dict:
     if opts.resume and checkpoint.exists():
         trainer.load(checkpoint)
     elif opts.resume and ctx.main:
-        console.print(f"[yellow]note:[/] no {escape(str(checkpoint))} yet; starting a new run")
+        print_note(console, f"no {checkpoint} yet; starting a new run")
     first = trainer.count.step
     log.write("start", step=first, world=ctx.world, device=str(ctx.device), config=trainer.model.config.to_dict())
     meter = Meter(opts.batch * ctx.world)
@@ -468,7 +468,7 @@ def validate(model: GroupCDL, opts: TrainOptions, console: Console) -> float:
     results = run_eval(model, [opts.val_dir], [sigma], limit=opts.val_images, on_error=errors.append)
     model.train()
     for error in errors:
-        console.print(f"[yellow]note:[/] validation: {escape(error)} (left out)")
+        print_note(console, f"validation: {error} (left out)")
     return statistics.fmean(r.psnr for r in results) if results else math.nan
 
 
@@ -510,14 +510,14 @@ def train_command(
         sigma_max=sigma_max, lr=lr, hold=hold, seed=seed, resume=resume, device=device, val_dir=val_dir,
         checkpoint_minutes=checkpoint_minutes, max_minutes=max_minutes, stop_at=stop_at, log_every=log_every,
     )
-    console = Console(emoji=False)  # file names are printed as they are: no markup, no :emoji: codes
+    console = make_console()
     try:
         summary = run(opts, console)
     except (DataError, ImageError) as err:
-        console.print(f"[red]error:[/] {escape(str(err))}")
+        print_error(console, err)
         raise typer.Exit(2) from None
     except Diverged as err:
-        console.print(f"[red]error:[/] {escape(str(err))}")
+        print_error(console, err)
         raise typer.Exit(1) from None
     if int(os.environ.get("RANK", "0")) == 0:
         console.print(

@@ -119,6 +119,15 @@ def test_bad_inputs_one_line_each_and_nonzero_exit(cli, tmp_path):
     assert "Traceback" not in result.output
 
 
+def test_file_names_print_as_they_are(cli, tmp_path):
+    save(tmp_path / "a[b]:smile:.png", noisy(16, 16))
+    (tmp_path / "x[red]y.png").write_bytes(b"not an image")
+    result = cli("denoise", "a[b]:smile:.png", "x[red]y.png", "--sigma", "10")
+    assert result.exit_code == 1
+    assert "error: x[red]y.png:" in result.output
+    assert "a[b]:smile:.png: sigma 10.00" in result.output
+
+
 def test_overwrite_protection(cli, tmp_path):
     save(tmp_path / "a.png", noisy(16, 16))
     (tmp_path / "a_denoised.png").write_bytes(b"precious")
