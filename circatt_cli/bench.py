@@ -30,6 +30,7 @@ from .console import print_error
 from .denoise import bytes_per_pixel, denoiser, tile_margin
 from .devices import resolve_device
 from .model import DEFAULT_PRESET, PRESETS, GroupCDL, GroupCDLConfig
+from .paths import check_result_file
 from .peers import INPUT_ROLES, OPS, OUTPUT_ROLE, STEP_APPLIES, Case, CirculantPeer, Peer, Unavailable, all_peers
 from .timing import MIN_RUNS, Ceilings, Timing, dtype_name, input_sets_needed, measure, measure_ceilings, synchronize
 from .weights import WeightsError, load_model
@@ -648,8 +649,7 @@ def bench(
     if plot_path is not None and plot_path.suffix.lower() != ".png":
         raise typer.BadParameter("the plot is a PNG; give a path ending in .png", param_hint="--plot")
     for option, path in (("--json", json_path), ("--csv", csv_path), ("--plot", plot_path)):
-        if path is not None and not path.parent.is_dir():  # checked now, not after an hour of timing
-            raise typer.BadParameter(f"the folder of {path} does not exist", param_hint=option)
+        check_result_file(path, option)  # now, not after an hour of timing
     settings = _settings(
         device=device, ops=ops, shapes=shapes, sizes=sizes, windows=windows, dtype=dtype, modes=modes, impls=impls,
         model_sizes=model_sizes, repeat=repeat, warmup=warmup, seed=seed, quick=quick,

@@ -26,7 +26,7 @@ from .imageio import ImageError, quantize, read_image
 from .metrics import psnr, ssim
 from .model import DEFAULT_PRESET, PRESETS, GroupCDL
 from .noise import add_noise, estimate_sigma
-from .paths import image_files
+from .paths import check_result_file, image_files
 from .weights import WeightsError, load_model
 
 PEERS = ("nlm", "bm3d")
@@ -189,22 +189,6 @@ def check_image_folders(folders: list[Path], option: str) -> None:
             raise typer.BadParameter(f"no images in {folder}", param_hint=option)
 
 
-def _check_writable(path: Path, option: str) -> None:
-    """A results file that can be written, checked before the evaluation rather than after it."""
-    if not path.parent.is_dir():
-        raise typer.BadParameter(f"the folder of {path} does not exist", param_hint=option)
-    try:
-        existed = path.exists()
-        with open(path, "a"):
-            pass
-    except IsADirectoryError:
-        raise typer.BadParameter(f"{path} is a folder; give a file name", param_hint=option) from None
-    except OSError as err:
-        raise typer.BadParameter(f"{path} cannot be written ({err.strerror})", param_hint=option) from None
-    if not existed:
-        path.unlink()
-
-
 def _parse_peers(text: str) -> list[str]:
     names = [p.strip() for p in text.split(",") if p.strip()]
     bad = [p for p in names if p not in PEERS]
@@ -285,7 +269,7 @@ def eval_command(
         raise typer.BadParameter(f"two --data folders are named {twice[0]!r}; results are grouped by folder name", param_hint="--data")
     for option, path in (("--json", json_path), ("--csv", csv_path)):
         if path is not None:
-            _check_writable(path, option)
+            check_result_file(path, option)
     sigmas = _parse_sigmas(sigma)
     torch_device, _ = resolve_device(device)
     peer_fns, notes = available_peers(_parse_peers(peers))

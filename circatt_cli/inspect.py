@@ -19,6 +19,7 @@ from .denoise import Models, estimate, to_tensor
 from .devices import resolve_device
 from .imageio import ImageError, read_image, to_channels
 from .model import PRESETS
+from .paths import check_result_file
 from .weights import WeightsError
 
 
@@ -102,8 +103,7 @@ def inspect_attention(
     """Draw the layer's circulant adjacency: sparsity pattern, pixel attention maps, effective neighbours."""
     console = make_console()
     torch_device, device_line = resolve_device(device)
-    if export_path is not None and not export_path.parent.is_dir():  # checked now, not after the model ran
-        raise typer.BadParameter(f"the folder of {export_path} does not exist", param_hint="--export")
+    check_result_file(export_path, "--export")  # now, not after the model ran
     models = Models(model, torch_device)
     models.preload()
     try:

@@ -6,6 +6,8 @@ import glob
 from dataclasses import dataclass
 from pathlib import Path
 
+import typer
+
 from .imageio import FORMATS, is_supported
 
 SUFFIX = "_denoised"
@@ -97,3 +99,22 @@ def output_for(source: Source, output: Path | None, as_file: bool) -> Path:
     if output is None:
         return source.path.with_name(name)
     return output / source.relative.with_name(name)
+
+
+def check_result_file(path: Path | None, option: str) -> None:
+    """A results file (--json, --csv, --plot, --export) that can be written, checked before the work rather
+    than after it; a usage error naming the option otherwise. Leaves no file behind."""
+    if path is None:
+        return
+    if not path.parent.is_dir():
+        raise typer.BadParameter(f"the folder of {path} does not exist", param_hint=option)
+    try:
+        existed = path.exists()
+        with open(path, "a"):
+            pass
+    except IsADirectoryError:
+        raise typer.BadParameter(f"{path} is a folder; give a file name", param_hint=option) from None
+    except OSError as err:
+        raise typer.BadParameter(f"{path} cannot be written ({err.strerror})", param_hint=option) from None
+    if not existed:
+        path.unlink()

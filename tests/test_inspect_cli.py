@@ -84,8 +84,9 @@ def test_an_unwritable_export_is_one_line(cli, tmp_path):
     assert result.exit_code == 2 and "--export" in result.output and "does not exist" in result.output, result.output
     assert not (tmp_path / "o").exists()  # refused before the model ran
     result = cli("inspect-attention", "a.png", "--out", "o", "--export", "folder")
-    assert result.exit_code == 1 and "cannot write" in result.output and "folder" in result.output, result.output
+    assert result.exit_code == 2 and "--export" in result.output and "folder is a folder" in result.output, result.output
     assert isinstance(result.exception, SystemExit)  # a one-line error, not an uncaught exception
+    assert not (tmp_path / "o").exists()  # refused before the model ran
 
 
 def test_a_failing_model_run_is_one_line_and_its_traceback_comes_with_debug(cli, tmp_path, monkeypatch):
