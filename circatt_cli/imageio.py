@@ -245,7 +245,10 @@ def write_image(image: ImageData, path: str | Path, jpeg_quality: int = 95, over
     if not path.parent.is_dir():
         raise ImageError(f"{path.parent}: output folder does not exist")
     pil = to_pil(image, fmt, path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:  # a read-only folder: name the output, not the temporary file
+        raise ImageError(f"{path}: cannot be written ({err.strerror})") from None
     try:
         with os.fdopen(fd, "wb") as handle:
             pil.save(handle, format=fmt, **_save_options(image, fmt, jpeg_quality))

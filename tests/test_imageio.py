@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import tempfile
+
 import numpy as np
 import pytest
 from PIL import Image, ImageCms
 
-from circatt_cli.imageio import ImageError, luma, quantize, read_image, to_channels, write_image
+from circatt_cli.imageio import ImageData, ImageError, luma, quantize, read_image, to_channels, write_image
 
 
 def _rgb(h: int = 12, w: int = 10, seed: int = 0) -> np.ndarray:
@@ -154,3 +156,13 @@ def test_non_finite_output_is_never_written(tmp_path):
         write_image(img.with_pixels(bad), tmp_path / "b.png")
     assert not (tmp_path / "b.png").exists()
     assert list(quantize(np.array([-0.5, 0.5, 1.5]), 8)) == [0, 128, 255]
+
+
+def test_an_output_folder_that_refuses_files_names_the_output(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)  # a read-only folder, also when the tests run as root
+    image = ImageData(pixels=np.zeros((4, 4, 1), np.float32), alpha=None, bits=8, format="PNG")
+    with pytest.raises(ImageError, match=r"out\.png: cannot be written \(Permission denied\)"):
+        write_image(image, tmp_path / "out.png")
