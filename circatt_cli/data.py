@@ -87,6 +87,10 @@ class CropSampler:
         noise = torch.randn(clean.shape, generator=self.generator) * sigma[:, None, None, None]
         return clean + noise, clean, sigma
 
+    def reseed(self, seed: int) -> None:
+        """Start a new stream of batches (after a backtrack, so that the same batches are not replayed)."""
+        self.generator.manual_seed(seed)
+
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}
 

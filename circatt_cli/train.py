@@ -197,7 +197,8 @@ class Trainer:
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=opts.lr, betas=(0.9, 0.999))
         images = load_images(opts.data, self.model.config.channels)
         sigmas = (opts.sigma_min / 255.0, opts.sigma_max / 255.0)
-        self.sampler = CropSampler(images, opts.crop, sigmas, seed=opts.seed * 1000 + ctx.rank)
+        self.seed = opts.seed * 1000 + ctx.rank
+        self.sampler = CropSampler(images, opts.crop, sigmas, seed=self.seed)
         self.count = Counters()
         self.anchor = self.capture()
 
@@ -221,14 +222,14 @@ class Trainer:
 
     # ----- checkpoints --------------------------------------------------------------------------
     def save(self) -> Path | None:
-        """Write RUN_DIR/last.pt atomically (rank 0; every rank's sampler state is gathered) and re-anchor."""
-        self.anchor = self.capture()
-        samplers = _gather(self.anchor["sampler"], self.ctx)
+        """Write RUN_DIR/last.pt atomically (rank 0; every rank's sampler state is gathered)."""
+        current = self.capture()
+        samplers = _gather(current["sampler"], self.ctx)
         if not self.ctx.main:
             return None
         path = self.opts.out / CHECKPOINT
         state = {
-            **self.anchor,
+            **current,
             "samplers": samplers,
             "config": self.model.config.to_dict(),
             "options": {k: str(v) for k, v in dataclasses.asdict(self.opts).items()},
@@ -274,22 +275,26 @@ class Trainer:
         return loss_value, total_psnr / self.ctx.world
 
     def end_of_epoch(self) -> bool:
-        """At an epoch boundary: True (after backtracking) when the epoch's loss is NaN or a blow-up."""
+        """At an epoch boundary: True (after backtracking) when the epoch's loss is NaN or a blow-up;
+        otherwise the state becomes the anchor that a later backtrack returns to."""
         mean = self.count.epoch_loss / self.opts.epoch_steps
         self.count.epoch_loss = 0.0
         if math.isfinite(mean) and mean <= BLOWUP * self.count.best_epoch:
             self.count.best_epoch = min(self.count.best_epoch, mean)
+            self.anchor = self.capture()
             return False
         self.backtrack()
         return True
 
     def backtrack(self) -> None:
-        """Return to the last checkpoint's state with the learning rate x 0.9."""
+        """Return to the last healthy epoch end (or the resumed state) with the learning rate x 0.9, and
+        reseed the data streams: replaying the same batches would meet the same blow-up again."""
         scale, tries = self.count.lr_scale * 0.9, self.count.backtracks + 1
         if tries > MAX_BACKTRACKS:
             raise Diverged(f"training diverged {tries} times; giving up (lower --lr?); "
                            f"{self.opts.out / CHECKPOINT} holds the last saved state")
-        self.restore(self.anchor, self.anchor["sampler"])
+        self.restore(self.anchor, None)
+        self.sampler.reseed(self.seed + 1_000_003 * tries)
         self.count.lr_scale, self.count.backtracks = scale, tries
 
 

@@ -87,6 +87,34 @@ def test_backtrack_on_nan(options, tmp_path):
     assert torch.isfinite(trainer.model.dictionary).all()
 
 
+def test_a_backtrack_returns_to_the_last_healthy_epoch_end(options, tmp_path):
+    """Not to the last checkpoint: a save can fall on a step that is already going bad."""
+    trainer = Trainer(options(tmp_path), Dist(), console=None)
+    for _ in range(3):
+        trainer.step()
+    assert not trainer.end_of_epoch()
+    healthy = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.step()
+    trainer.save()
+    trainer.backtrack()
+    assert trainer.count.step == 3 and trainer.count.backtracks == 1
+    assert all(torch.equal(v, trainer.model.state_dict()[k]) for k, v in healthy.items())
+
+
+def test_a_backtrack_draws_new_batches(options, tmp_path):
+    def after_backtrack():
+        trainer = Trainer(options(tmp_path), Dist(), console=None)
+        replay = trainer.sampler.batch(2)[1]  # the batch the anchor's stream would give
+        trainer.sampler.load_state_dict(trainer.anchor["sampler"])
+        trainer.step()
+        trainer.backtrack()
+        return replay, trainer.sampler.batch(2)[1]
+
+    replay, fresh = after_backtrack()
+    assert not torch.equal(replay, fresh)
+    assert torch.equal(fresh, after_backtrack()[1])  # and reproducibly so
+
+
 def test_sigterm_sets_the_stop_flag():
     with StopSignal() as stop:
         os.kill(os.getpid(), signal.SIGTERM)
