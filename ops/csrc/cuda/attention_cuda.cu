@@ -15,6 +15,39 @@ namespace circatt {
 template <typename A> __host__ __device__ constexpr A log2e() { return A(1.4426950408889634); }
 template <typename A> __host__ __device__ constexpr A ln2() { return A(0.6931471805599453); }
 
+// The key and value rings of the query-centric kernels (forward, dq): per halo row, k and v over
+// all their channels and, for distance (dist), |k|^2. Halo row rr is image row i0 - r + rr
+// (wrapped), kept in ring slot rr mod (TI + 1).
+template <typename T, typename A>
+struct KvRings {
+  A* ks;
+  A* vs;
+  A* kn;
+  const T* kb;
+  const T* vb;
+  const A* knb;
+  int C, Cv, i0;
+  const int* cmap;
+  bool dist;
+
+  // Halo row rr into its slot (asynchronous for float and double: lands at cp_async_wait()).
+  __device__ __forceinline__ void stage(const Geom& g, int rr) const {
+    const int grow = wrap(i0 - g.r + rr, g.H), slot = rr % g.nslots;
+    stage_ring_row(ks, kb, C, g, grow, slot, cmap);
+    stage_ring_row(vs, vb, Cv, g, grow, slot, cmap);
+    if (dist) stage_ring_scalar(kn, knb, g, grow, slot, cmap);
+  }
+
+  // The rows of window row 0 (halo rows 0 .. TI-1), landed and visible to the block. Called by
+  // all threads once cmap is written (halo_columns): the first barrier publishes it.
+  __device__ __forceinline__ void prime(const Geom& g) const {
+    __syncthreads();
+    for (int rr = 0; rr < g.TI; ++rr) stage(g, rr);
+    cp_async_wait();
+    __syncthreads();
+  }
+};
+
 // ---------------------------------------------------------------- forward
 
 struct FwdSmem {
@@ -84,29 +117,14 @@ __global__ void __launch_bounds__(kThreads)
   halo_columns(cmap, g, j0);
   stage_tile(qs, qb, C, g, i0, j0);
   if (dist) tile_norms(qn, qb, C, g, i0, j0);
-  __syncthreads();
-  auto stage_row = [&](int rr) {
-    const int grow = wrap(i0 - g.r + rr, g.H), slot = rr % g.nslots;
-    stage_ring_row(ks, kb, C, g, grow, slot, cmap);
-    stage_ring_row(vs, vb, Cv, g, grow, slot, cmap);
-    if (dist) stage_ring_scalar(kn, knb, g, grow, slot, cmap);
-  };
-  for (int rr = 0; rr < g.TI; ++rr) stage_row(rr);
-  cp_async_wait();
-  __syncthreads();
+  const KvRings<T, A> rings{ks, vs, kn, kb, vb, knb, C, Cv, i0, cmap, dist};
+  rings.prime(g);
 
-  const int ngj = g.TJ / kRJ;
-  const int tt = threadIdx.x;
-  const bool owner = tt < g.TI * ngj * NG;
-  const int jg = tt % ngj, grp = (tt / ngj) % (NG > 0 ? NG : 1), ti = tt / (ngj * (NG > 0 ? NG : 1));
-  A acc[kRJ][RC];
-#pragma unroll
-  for (int p = 0; p < kRJ; ++p)
-#pragma unroll
-    for (int rc = 0; rc < RC; ++rc) acc[p][rc] = A(0);
+  const auto [owner, jg, grp, ti] = accum_thread(g, NG);
+  A acc[kRJ][RC] = {};
 
   for (int a = 0; a < g.ws; ++a) {
-    if (a + 1 < g.ws) stage_row(a + g.TI);
+    if (a + 1 < g.ws) rings.stage(g, a + g.TI);
     dot_split(buf, part, splits, qs, C, ks, kn, g, a);
     __syncthreads();
     for (int p = warp_id(); p < g.npix; p += num_warps()) {
@@ -273,29 +291,14 @@ __global__ void __launch_bounds__(kThreads)
   halo_columns(cmap, g, j0);
   stage_tile(qs, qb, C, g, i0, j0);
   stage_tile(dys, dyb, Cv, g, i0, j0);
-  __syncthreads();
-  auto stage_row = [&](int rr) {
-    const int grow = wrap(i0 - g.r + rr, g.H), slot = rr % g.nslots;
-    stage_ring_row(ks, kb, C, g, grow, slot, cmap);
-    stage_ring_row(vs, vb, Cv, g, grow, slot, cmap);
-    if (dist) stage_ring_scalar(kn, knb, g, grow, slot, cmap);
-  };
-  for (int rr = 0; rr < g.TI; ++rr) stage_row(rr);
-  cp_async_wait();
-  __syncthreads();
+  const KvRings<T, A> rings{ks, vs, kn, kb, vb, knb, C, Cv, i0, cmap, dist};
+  rings.prime(g);
 
-  const int ngj = g.TJ / kRJ;
-  const int tt = threadIdx.x;
-  const bool owner = tt < g.TI * ngj * NG;
-  const int jg = tt % ngj, grp = (tt / ngj) % (NG > 0 ? NG : 1), ti = tt / (ngj * (NG > 0 ? NG : 1));
-  A acc[kRJ][RC];
-#pragma unroll
-  for (int p = 0; p < kRJ; ++p)
-#pragma unroll
-    for (int rc = 0; rc < RC; ++rc) acc[p][rc] = A(0);
+  const auto [owner, jg, grp, ti] = accum_thread(g, NG);
+  A acc[kRJ][RC] = {};
 
   for (int a = 0; a < g.ws; ++a) {
-    if (a + 1 < g.ws) stage_row(a + g.TI);
+    if (a + 1 < g.ws) rings.stage(g, a + g.TI);
     for (int t = threadIdx.x; t < 2 * g.ndot; t += blockDim.x) {
       if (t < g.ndot)
         dot_tile(t, bs, qs, 0, C, ks, kn, g, a);
@@ -427,18 +430,8 @@ __global__ void __launch_bounds__(kThreads)
   cp_async_wait();
   __syncthreads();
 
-  const int ngj = g.TJ / kRJ;
-  const int tt = threadIdx.x;
-  const bool owner = tt < g.TI * ngj * NG;
-  const int jg = tt % ngj, grp = (tt / ngj) % (NG > 0 ? NG : 1), ti = tt / (ngj * (NG > 0 ? NG : 1));
-  A acck[kRJ][RC], accv[kRJ][RC];
-#pragma unroll
-  for (int p = 0; p < kRJ; ++p)
-#pragma unroll
-    for (int rc = 0; rc < RC; ++rc) {
-      acck[p][rc] = A(0);
-      accv[p][rc] = A(0);
-    }
+  const auto [owner, jg, grp, ti] = accum_thread(g, NG);
+  A acck[kRJ][RC] = {}, accv[kRJ][RC] = {};
 
   for (int a = 0; a < g.ws; ++a) {
     if (a + 1 < g.ws) stage_row(a + g.TI);
@@ -544,13 +537,13 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& q_, const at::Tensor
     using A = acc_t<scalar_t>;
     constexpr int RC = AccumChannels<scalar_t>::value;
     const int NG = groups_for(s.Cv, RC);
+    auto kernel = attn_fwd_kernel<scalar_t, RC>;
     const Launch l = choose_launch(
-        int(s.H), int(s.W), ws, NG, 1, max_dot_splits(s.C),
+        int(s.H), int(s.W), ws, s.B * s.G, NG, 1, max_dot_splits(s.C), kernel_registers(kernel),
         [&](const Geom& g, int splits) { return fwd_smem<A>(g, int(s.C), int(s.Cv), distance, splits).bytes; },
         "attention_forward");
-    auto kernel = attn_fwd_kernel<scalar_t, RC>;
     allow_smem(kernel, l.smem);
-    const dim3 grid(unsigned((s.H + l.g.TI - 1) / l.g.TI * l.g.tiles_j), unsigned(s.B * s.G));
+    const dim3 grid(unsigned(l.tiles), unsigned(s.B * s.G));
     kernel<<<grid, l.threads, l.smem, c10::cuda::getCurrentCUDAStream()>>>(
         q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
         distance ? knorm.data_ptr<A>() : nullptr, y.data_ptr<scalar_t>(), lse.data_ptr<A>(), int(s.C), int(s.Cv), NG,
@@ -598,13 +591,13 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& q_, const at::Tenso
     }
     if (dq.numel() > 0) {
       const int NG = groups_for(s.C, RC);
+      auto kernel = attn_bwd_dq_kernel<scalar_t, RC>;
       const Launch l = choose_launch(
-          int(s.H), int(s.W), ws, NG, 2, 1,
+          int(s.H), int(s.W), ws, s.B * s.G, NG, 2, 1, kernel_registers(kernel),
           [&](const Geom& g, int) { return dq_smem<A>(g, int(s.C), int(s.Cv), distance).bytes; },
           "attention_backward (dq)");
-      auto kernel = attn_bwd_dq_kernel<scalar_t, RC>;
       allow_smem(kernel, l.smem);
-      const dim3 grid(unsigned((s.H + l.g.TI - 1) / l.g.TI * l.g.tiles_j), unsigned(s.B * s.G));
+      const dim3 grid(unsigned(l.tiles), unsigned(s.B * s.G));
       kernel<<<grid, l.threads, l.smem, stream>>>(
           q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(),
           distance ? knorm.data_ptr<A>() : nullptr, L2.data_ptr<A>(), D.data_ptr<A>(), dq.data_ptr<scalar_t>(),
@@ -614,13 +607,13 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& q_, const at::Tenso
     if (dk.numel() > 0 || dv.numel() > 0) {
       const int ngk = groups_for(s.C, RC), ngv = groups_for(s.Cv, RC);
       const int NG = ngk > ngv ? ngk : ngv;
+      auto kernel = attn_bwd_dkdv_kernel<scalar_t, RC>;
       const Launch l = choose_launch(
-          int(s.H), int(s.W), ws, NG, 2, 1,
+          int(s.H), int(s.W), ws, s.B * s.G, NG, 2, 1, kernel_registers(kernel),
           [&](const Geom& g, int) { return dkv_smem<A>(g, int(s.C), int(s.Cv), distance).bytes; },
           "attention_backward (dk, dv)");
-      auto kernel = attn_bwd_dkdv_kernel<scalar_t, RC>;
       allow_smem(kernel, l.smem);
-      const dim3 grid(unsigned((s.H + l.g.TI - 1) / l.g.TI * l.g.tiles_j), unsigned(s.B * s.G));
+      const dim3 grid(unsigned(l.tiles), unsigned(s.B * s.G));
       kernel<<<grid, l.threads, l.smem, stream>>>(
           q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(),
           L2.data_ptr<A>(), D.data_ptr<A>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), int(s.C),

@@ -223,12 +223,12 @@ at::Tensor similarity(const at::Tensor& q_, const at::Tensor& k_, int64_t window
   const at::Tensor knorm = distance ? pixel_norms(k) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "circatt_similarity", [&] {
     using A = acc_t<scalar_t>;
-    const Launch l = choose_launch(
-        int(H), int(W), ws, 0, 1, max_dot_splits(C),
-        [&](const Geom& g, int splits) { return sim_smem<A>(g, int(C), distance, splits).bytes; }, "similarity");
     auto kernel = similarity_kernel<scalar_t>;
+    const Launch l = choose_launch(
+        int(H), int(W), ws, B * G, 0, 1, max_dot_splits(C), kernel_registers(kernel),
+        [&](const Geom& g, int splits) { return sim_smem<A>(g, int(C), distance, splits).bytes; }, "similarity");
     allow_smem(kernel, l.smem);
-    const dim3 grid(unsigned((H + l.g.TI - 1) / l.g.TI * l.g.tiles_j), unsigned(B * G));
+    const dim3 grid(unsigned(l.tiles), unsigned(B * G));
     kernel<<<grid, l.threads, l.smem, c10::cuda::getCurrentCUDAStream()>>>(
         q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), distance ? knorm.data_ptr<A>() : nullptr,
         S.data_ptr<scalar_t>(), int(C), l.g, distance, l.splits);
@@ -260,12 +260,12 @@ at::Tensor apply(const at::Tensor& A_, const at::Tensor& x_, int64_t window, boo
     const int NG = groups_needed < 32 ? groups_needed : 32;
     const int chunks = int((C + NG * RC - 1) / (NG * RC));
     check_planes(B * G, chunks);
-    const Launch l = choose_launch(
-        int(H), int(W), ws, NG, 0, 1, [&](const Geom& g, int) { return apply_smem<A>(g, NG * RC).bytes; },
-        "apply");
     auto kernel = apply_kernel<scalar_t, RC>;
+    const Launch l = choose_launch(
+        int(H), int(W), ws, B * G * chunks, NG, 0, 1, kernel_registers(kernel),
+        [&](const Geom& g, int) { return apply_smem<A>(g, NG * RC).bytes; }, "apply");
     allow_smem(kernel, l.smem);
-    const dim3 grid(unsigned((H + l.g.TI - 1) / l.g.TI * l.g.tiles_j), unsigned(B * G), unsigned(chunks));
+    const dim3 grid(unsigned(l.tiles), unsigned(B * G), unsigned(chunks));
     kernel<<<grid, l.threads, l.smem, c10::cuda::getCurrentCUDAStream()>>>(
         Aw.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), int(C), NG, l.g, transposed);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

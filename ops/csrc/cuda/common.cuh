@@ -16,8 +16,10 @@
 //   buffer  [p][L]                L = (kRJ-1) zeros | ws values | (kRJ-1) zeros
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <mutex>
 #include <type_traits>
 
 #include <ATen/ATen.h>
@@ -266,6 +268,19 @@ __device__ __forceinline__ A sum_parts(const A* at, int stride, int splits) {
   return v;
 }
 
+// A block's thread in the accumulate loop: pixel group jg (kRJ pixels) of tile row ti, channel
+// group grp of NG; the threads past TI * TJ/kRJ * NG own no accumulators.
+struct AccumThread {
+  bool owner;
+  int jg, grp, ti;
+};
+
+__device__ __forceinline__ AccumThread accum_thread(const Geom& g, int NG) {
+  const int ngj = g.TJ / kRJ, ng = NG > 0 ? NG : 1;
+  const int tt = threadIdx.x;
+  return AccumThread{tt < g.TI * ngj * NG, tt % ngj, (tt / ngj) % ng, tt / (ngj * ng)};
+}
+
 // Accumulate loop of one thread: pixels jj0..jj0+7 of tile row i, channels chbase + rc*chstride:
 //   acc[p][rc] += sum_c buf[p][c] * ring[ch][(i+a) mod (TI+1)][jj + c]
 // run over halo columns t = jj0 + p + c with the zero-padded buffer, so that each ring value
@@ -361,11 +376,65 @@ inline void check_planes(int64_t planes, int64_t chunks) {
   TORCH_CHECK(planes <= 65535 && chunks <= 65535, "circatt cuda: batch * heads must be at most 65535, got ", planes);
 }
 
-inline int smem_optin() {
-  int dev = 0, v = 0;
+// What bounds the blocks resident on one multiprocessor; queried once per device.
+struct SmLimits {
+  int sms;             // multiprocessors
+  int smem_per_sm;     // shared memory of a multiprocessor, bytes (H100: 228 KB)
+  int smem_per_block;  // the most a block may opt in to (H100: 227 KB)
+  int smem_reserved;   // taken by the driver from each block's share (1 KB since sm_80)
+  int regs_per_sm;     // 32-bit registers
+  int threads_per_sm;
+  int blocks_per_sm;
+};
+
+inline SmLimits query_sm_limits(int dev) {
+  auto get = [dev](cudaDeviceAttr attr) {
+    int v = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, attr, dev));
+    return v;
+  };
+  SmLimits d;
+  d.sms = get(cudaDevAttrMultiProcessorCount);
+  d.smem_per_sm = get(cudaDevAttrMaxSharedMemoryPerMultiprocessor);
+  d.smem_per_block = get(cudaDevAttrMaxSharedMemoryPerBlockOptin);
+  d.smem_reserved = get(cudaDevAttrReservedSharedMemoryPerBlock);
+  d.regs_per_sm = get(cudaDevAttrMaxRegistersPerMultiprocessor);
+  d.threads_per_sm = get(cudaDevAttrMaxThreadsPerMultiProcessor);
+  d.blocks_per_sm = get(cudaDevAttrMaxBlocksPerMultiprocessor);
+  return d;
+}
+
+inline SmLimits sm_limits() {
+  constexpr int kMaxDevices = 64;
+  static SmLimits cache[kMaxDevices];
+  static std::once_flag once[kMaxDevices];
+  int dev = 0;
   C10_CUDA_CHECK(cudaGetDevice(&dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-  return v;
+  if (dev >= kMaxDevices) return query_sm_limits(dev);
+  std::call_once(once[dev], [dev] { cache[dev] = query_sm_limits(dev); });
+  return cache[dev];
+}
+
+// Registers a thread of `kernel` uses (what bounds its residency besides shared memory).
+template <typename Kernel>
+inline int kernel_registers(Kernel kernel) {
+  cudaFuncAttributes attr;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  return attr.numRegs;
+}
+
+// Blocks of `threads` threads, `smem` bytes of dynamic shared memory and `regs` registers a
+// thread that one multiprocessor holds at once, by the rules of CUDA's occupancy calculator
+// (cuda_occupancy.h): shared memory in 128-byte units plus the driver's reserve per block;
+// registers in 256-register units per warp, each of the 4 schedulers holding whole warps.
+inline int resident_blocks(const SmLimits& d, int threads, int smem, int regs) {
+  const int warps = (threads + 31) / 32;
+  int n = d.blocks_per_sm;
+  n = std::min(n, d.threads_per_sm / (warps * 32));
+  n = std::min(n, d.smem_per_sm / ((smem + d.smem_reserved + 127) / 128 * 128));
+  const int regs_per_warp = (regs * 32 + 255) / 256 * 256;
+  if (regs_per_warp > 0) n = std::min(n, d.regs_per_sm / 4 / regs_per_warp * 4 / warps);
+  return n;
 }
 
 // A launch configuration: geometry, block size and dynamic shared memory.
@@ -375,47 +444,68 @@ struct Launch {
   int smem;
   int accum_threads;  // threads owning accumulators: TI * TJ/kRJ * groups
   int splits;         // channel parts of the dot loop (dot_split)
+  int tiles;          // blocks per plane (grid x)
+  int resident;       // blocks per multiprocessor (resident_blocks)
+  int64_t waves;      // ceil(blocks / (multiprocessors * resident))
+  int order;          // index of the tile shape in the candidate list (larger tiles first)
 };
+
+// The chooser's comparison: whether launch a is expected to run faster than b. First, two or more
+// resident blocks over one (a block alone idles its multiprocessor at each of its barriers; as in
+// v3, one block per multiprocessor only when nothing else fits). Then the estimate: the number of
+// waves, ceil(blocks / (SMs * resident)); a partial last wave costs about a whole one (the kernels
+// are latency-bound), and a block takes about as long whatever its tile (its threads grow with
+// the tile). On equal waves, more dot-loop channel parts (each thread runs C / parts channels),
+// then the larger tile (fewer re-reads of the halo rows).
+inline bool faster(const Launch& a, const Launch& b) {
+  if ((a.resident >= 2) != (b.resident >= 2)) return a.resident >= 2;
+  if (a.waves != b.waves) return a.waves < b.waves;
+  if (a.splits != b.splits) return a.splits > b.splits;
+  return a.order < b.order;
+}
 
 // Dot-loop channel parts worth having for C channels: at least 8 channels a part, at most 4 parts.
 inline int max_dot_splits(int64_t C) { return C >= 32 ? 4 : (C >= 16 ? int(C / 8) : 1); }
 
-// Picks the largest tile whose shared memory lets two blocks share a multiprocessor (else the
-// largest that fits at all) and whose accumulating threads fit one block; for that tile, the most
-// dot-loop channel parts (up to max_splits) whose threads and shared memory still fit.
-// smem_of(Geom, splits) gives the bytes; `groups` is the number of channel groups of the
-// accumulate loop (0: none); `dots` the number of dot loops per window row.
+// Every tile shape and number of dot-loop channel parts (up to max_splits) whose threads
+// (accumulating threads, dot threads) fit one block and whose shared memory fits the device, the
+// one `faster` prefers. smem_of(Geom, splits) gives the bytes; `planes` the blocks per tile
+// position (grid y * z); `groups` the channel groups of the accumulate loop (0: none); `dots` the
+// dot loops per window row; `regs` the kernel's registers a thread (kernel_registers).
 template <typename SmemOf>
-Launch choose_launch(int H, int W, int ws, int groups, int dots, int max_splits, SmemOf smem_of, const char* op) {
+Launch choose_launch(int H, int W, int ws, int64_t planes, int groups, int dots, int max_splits, int regs,
+                     SmemOf smem_of, const char* op) {
   static const int cand[][2] = {{4, 32}, {2, 32}, {4, 16}, {1, 32}, {2, 16}, {4, 8}, {1, 16}, {2, 8}, {1, 8}};
-  const int hard = smem_optin();
-  const int soft = hard / 2 - 1024;
-  for (int pass = 0; pass < 2; ++pass) {
-    for (const auto& c : cand) {
-      const int TI = c[0], TJ = c[1];
-      if (TI > 1 && TI > H) continue;
-      if (TJ > 8 && TJ / 2 >= W) continue;
-      const int acc_threads = TI * (TJ / kRJ) * groups;
-      if (acc_threads > kThreads) continue;
-      const Geom g = make_geom(H, W, ws, TI, TJ);
-      for (int splits = max_splits; splits >= 1; --splits) {
-        if (splits > 1 && g.ndot * dots * splits > kThreads) continue;
-        const int bytes = smem_of(g, splits);
-        if (bytes > (pass == 0 ? soft : hard)) continue;
-        const int dot_threads = g.ndot * dots * splits;
-        int threads = acc_threads > dot_threads ? acc_threads : dot_threads;
-        threads = (threads + 31) / 32 * 32;
-        if (threads > kThreads) threads = kThreads;
-        if (threads < 64) threads = 64;
-        if (threads < acc_threads) continue;
-        return Launch{g, threads, bytes, acc_threads, splits};
-      }
+  const SmLimits dev = sm_limits();
+  Launch best{};
+  bool found = false;
+  for (int order = 0; order < int(sizeof(cand) / sizeof(cand[0])); ++order) {
+    const int TI = cand[order][0], TJ = cand[order][1];
+    if (TI > 1 && TI > H) continue;
+    if (TJ > 8 && TJ / 2 >= W) continue;
+    const int acc_threads = TI * (TJ / kRJ) * groups;
+    if (acc_threads > kThreads) continue;
+    const Geom g = make_geom(H, W, ws, TI, TJ);
+    const int tiles = (H + TI - 1) / TI * g.tiles_j;
+    for (int splits = 1; splits <= max_splits; ++splits) {
+      const int dot_threads = g.ndot * dots * splits;
+      if (splits > 1 && dot_threads > kThreads) break;
+      const int bytes = smem_of(g, splits);
+      if (bytes > dev.smem_per_block) break;
+      const int threads = std::max(64, std::min(kThreads, (std::max(acc_threads, dot_threads) + 31) / 32 * 32));
+      const int resident = resident_blocks(dev, threads, bytes, regs);
+      if (resident < 1) break;
+      const int64_t slots = int64_t(dev.sms) * resident;
+      const Launch l{g, threads, bytes, acc_threads, splits, tiles, resident, (tiles * planes + slots - 1) / slots,
+                     order};
+      if (!found || faster(l, best)) best = l;
+      found = true;
     }
   }
-  TORCH_CHECK(false, "circatt cuda: ", op, ": window ", ws,
+  TORCH_CHECK(found, "circatt cuda: ", op, ": window ", ws,
               " with these channel counts needs more shared memory than the device has; split the channels "
               "into more heads or use a smaller window");
-  return Launch{};
+  return best;
 }
 
 inline unsigned grid_stride_blocks(int64_t total) {
