@@ -455,11 +455,19 @@ struct Launch {
 // v3, one block per multiprocessor only when nothing else fits). Then the estimate: the number of
 // waves, ceil(blocks / (SMs * resident)); a partial last wave costs about a whole one (the kernels
 // are latency-bound), and a block takes about as long whatever its tile (its threads grow with
-// the tile). On equal waves, more dot-loop channel parts (each thread runs C / parts channels),
-// then the larger tile (fewer re-reads of the halo rows).
-inline bool faster(const Launch& a, const Launch& b) {
+// the tile). On equal waves, more resident threads per multiprocessor (more warps to hide the
+// latency; measured at S1, both at 2 waves: a 1x32 tile in 3 parts, 3 x 64 threads, ran the fused
+// forward 19% slower than a 2x32 tile in 2 parts, 2 x 128), then more dot-loop channel parts (each
+// thread runs C / parts channels), then the larger tile (fewer re-reads of the halo rows).
+// `tile_first` puts the larger tile before the resident threads: for the fused backward's kernels,
+// which run two dot loops per window row over the staged halo (measured at S1 h=4, 2 x 128 threads
+// of 4x32 tiles against 8 x 64 of 1x32, both 3 waves: the smaller tiles made fwd+bwd 14% slower).
+inline bool faster(const Launch& a, const Launch& b, bool tile_first) {
   if ((a.resident >= 2) != (b.resident >= 2)) return a.resident >= 2;
   if (a.waves != b.waves) return a.waves < b.waves;
+  if (tile_first && a.order != b.order) return a.order < b.order;
+  const int threads_a = a.resident * a.threads, threads_b = b.resident * b.threads;
+  if (threads_a != threads_b) return threads_a > threads_b;
   if (a.splits != b.splits) return a.splits > b.splits;
   return a.order < b.order;
 }
@@ -471,7 +479,8 @@ inline int max_dot_splits(int64_t C) { return C >= 32 ? 4 : (C >= 16 ? int(C / 8
 // (accumulating threads, dot threads) fit one block and whose shared memory fits the device, the
 // one `faster` prefers. smem_of(Geom, splits) gives the bytes; `planes` the blocks per tile
 // position (grid y * z); `groups` the channel groups of the accumulate loop (0: none); `dots` the
-// dot loops per window row; `regs` the kernel's registers a thread (kernel_registers).
+// dot loops per window row (2: the fused backward, which prefers larger tiles); `regs` the kernel's
+// registers a thread (kernel_registers).
 template <typename SmemOf>
 Launch choose_launch(int H, int W, int ws, int64_t planes, int groups, int dots, int max_splits, int regs,
                      SmemOf smem_of, const char* op) {
@@ -498,7 +507,7 @@ Launch choose_launch(int H, int W, int ws, int64_t planes, int groups, int dots,
       const int64_t slots = int64_t(dev.sms) * resident;
       const Launch l{g, threads, bytes, acc_threads, splits, tiles, resident, (tiles * planes + slots - 1) / slots,
                      order};
-      if (!found || faster(l, best)) best = l;
+      if (!found || faster(l, best, dots > 1)) best = l;
       found = true;
     }
   }
