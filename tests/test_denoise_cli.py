@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -242,3 +243,18 @@ def test_a_warning_is_one_line_from_the_console_command(tiny_weights, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "warning: no model card mine.json" in done.stderr
     assert "UserWarning" not in done.stderr and ".py:" not in done.stderr, done.stderr
+
+
+def test_an_amplified_pattern_is_flagged_and_a_natural_image_is_not(cli, tmp_path):
+    """The shipped gray model amplifies hard-edged stripes at sigma 0 (measured: PSNR below 0 dB against the
+    input); denoise says so. A smooth image at the same sigma passes quietly."""
+    y, x = np.mgrid[0:96, 0:96]
+    stripes = np.where(np.sin(2 * np.pi * (x * np.cos(0.5) + y * np.sin(0.5)) / 3.2) > 0, 242, 13).astype(np.uint8)
+    Image.fromarray(stripes).save(tmp_path / "stripes.png")
+    smooth_images(tmp_path / "s", 1, 96, 96, channels=1)
+    shipped = Path(__file__).resolve().parents[1] / "weights" / "groupcdl-gray.safetensors"
+    result = cli("denoise", "stripes.png", "s/0.png", "--sigma", "0", "--model", shipped, "--device", "cpu", "-o", "out")
+    assert result.exit_code == 0, result.output
+    flagged = [line for line in result.output.splitlines() if "differs from the input" in line]
+    assert len(flagged) == 1 and "stripes.png" in flagged[0], result.output
+    assert "check: changed by" in result.output
