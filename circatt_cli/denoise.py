@@ -168,7 +168,8 @@ def unstable_change(noisy: np.ndarray, clean: np.ndarray, sigma: float) -> float
     """The RMS change the model made (0-255 scale) when it is far beyond what removing noise of level
     `sigma` explains, else None. GroupCDL's unrolled iterations can amplify hard-edged patterns (stripes,
     text, line art) at low sigma instead of passing them through; natural images change by about sigma."""
-    change = float(np.sqrt(np.mean(np.square(clean - noisy, dtype=np.float64)))) * 255
+    diff = (clean - noisy).ravel()
+    change = float(np.sqrt(np.dot(diff, diff) / max(diff.size, 1))) * 255
     return change if change > UNSTABLE_FACTOR * sigma * 255 + UNSTABLE_MARGIN else None
 
 
