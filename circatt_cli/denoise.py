@@ -209,10 +209,9 @@ def process(job: Job, source: Source, target: Path, progress: Progress, tiles_ta
     clean = run_model(job, image.with_pixels(noisy), sigma, progress, tiles_task)
     change = unstable_change(noisy, clean, sigma)
     if change is not None:
-        outcome.warning = f"changed by {change:.1f} RMS at sigma {sigma * 255:.1f}: the model may have amplified patterns"
-        print_note(progress.console, f"{source.path}: the output differs from the input by {change:.1f} (RMS, 0-255) "
-                                     f"at sigma {sigma * 255:.1f}; GroupCDL can amplify hard-edged patterns (stripes, "
-                                     "text) at low noise levels instead of keeping them: check this result")
+        outcome.warning = f"changed by {change:.1f} RMS (0-255) at sigma {sigma * 255:.1f}"
+        print_note(progress.console, f"{source.path}: the output differs from the input ({outcome.warning}); GroupCDL "
+                                     "can amplify hard-edged patterns (stripes, text) at low noise levels: check it")
     target.parent.mkdir(parents=True, exist_ok=True)
     write_image(image.with_pixels(clean), target, jpeg_quality=job.jpeg_quality, overwrite=job.overwrite)
     if job.reference is not None:
