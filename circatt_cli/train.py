@@ -39,6 +39,10 @@ LOG = "log.jsonl"
 CHECKPOINT_KEYS = frozenset({"model", "optimizer", "sampler", "samplers", "count", "config", "options", "rng", "world"})
 BLOWUP = 100.0
 MAX_BACKTRACKS = 20
+LOSSES = ("mse", "balanced")
+# "balanced" weighs a crop's MSE by 1 / (sigma + BALANCE_OFFSET): a denoiser's MSE grows about linearly
+# with sigma, so plain MSE lets the high noise levels dominate; the offset keeps sigma ~ 0 finite.
+BALANCE_OFFSET = 5.0 / 255.0
 
 
 @dataclass
@@ -54,6 +58,7 @@ class TrainOptions:
     crop: int = 128
     sigma_min: float = 0.0
     sigma_max: float = 55.0
+    loss: str = "mse"
     lr: float = 5e-4
     lr_min: float = 2e-6
     hold: float = 0.67
@@ -108,6 +113,23 @@ def learning_rate(step: int, opts: TrainOptions) -> float:
         return opts.lr
     t = min(1.0, (step - start) / max(1, opts.steps - start))
     return opts.lr_min + 0.5 * (opts.lr - opts.lr_min) * (1.0 + math.cos(math.pi * t))
+
+
+def loss_weights(sigma: torch.Tensor, opts: TrainOptions) -> torch.Tensor | None:
+    """Per-crop weights of the loss (None for plain MSE); "balanced" is 1 / (sigma + offset) scaled to
+    mean 1 over the uniform training range, so that the loss keeps the scale of the MSE."""
+    if opts.loss == "mse":
+        return None
+    lo, hi = opts.sigma_min / 255.0 + BALANCE_OFFSET, opts.sigma_max / 255.0 + BALANCE_OFFSET
+    mean = math.log(hi / lo) / (hi - lo) if hi > lo else 1.0 / lo
+    return 1.0 / (mean * (sigma + BALANCE_OFFSET))
+
+
+def crop_loss(out: torch.Tensor, clean: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Mean squared error, each crop's weighted by `weights` when given."""
+    if weights is None:
+        return (out - clean).square().mean()
+    return ((out - clean).square().mean(dim=(1, 2, 3)) * weights).mean()
 
 
 # ----- processes and devices ---------------------------------------------------------------------
@@ -251,6 +273,10 @@ class Trainer:
             print_note(self.console, f"world size {state['world']} -> {self.ctx.world}: data streams reseeded")
         self.restore(state, state["samplers"][self.ctx.rank] if same_world else None)
         set_rng_states(state["rng"])
+        if state["options"].get("loss", "mse") != self.opts.loss:  # the blow-up check compares like with like
+            self.count.best_epoch = math.inf
+            if self.ctx.main:
+                print_note(self.console, f"loss {state['options'].get('loss', 'mse')} -> {self.opts.loss}: best epoch reset")
         self.anchor = self.capture()
 
     # ----- one step -----------------------------------------------------------------------------
@@ -261,7 +287,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(self.count.step, self.opts) * self.count.lr_scale
         out = self.net(noisy, sigma)
-        loss = (out - clean).square().mean()
+        loss = crop_loss(out, clean, loss_weights(sigma, self.opts))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.opts.clip)
@@ -486,6 +512,7 @@ def train_command(
     crop: int = typer.Option(128, "--crop", min=2, help="Crop side in pixels."),
     sigma_min: float = typer.Option(0.0, "--sigma-min", min=0.0, help="Lowest training noise level (0-255)."),
     sigma_max: float = typer.Option(55.0, "--sigma-max", min=0.0, help="Highest training noise level (0-255)."),
+    loss: str = typer.Option("mse", "--loss", help="mse (the authors'), or balanced: each crop's MSE / (sigma + 5/255), so the low noise levels weigh as much in dB as the high."),
     lr: float = typer.Option(5e-4, "--lr", min=0.0, help="Peak learning rate."),
     hold: float = typer.Option(0.67, "--hold", min=0.0, max=1.0, help="Fraction of steps at the peak lr before the decay."),
     seed: int = typer.Option(0, "--seed"),
@@ -510,9 +537,11 @@ def train_command(
         check_image_folders([val_dir], "--val-dir")
     if sigma_max < sigma_min:
         raise typer.BadParameter("--sigma-max must be >= --sigma-min", param_hint="--sigma-max")
+    if loss not in LOSSES:
+        raise typer.BadParameter(f"{loss!r} is not a loss; choose {' or '.join(LOSSES)}", param_hint="--loss")
     opts = TrainOptions(
         data=data, out=out, preset=preset, steps=steps, batch=batch, crop=crop, sigma_min=sigma_min,
-        sigma_max=sigma_max, lr=lr, hold=hold, seed=seed, resume=resume, device=device, val_dir=val_dir,
+        sigma_max=sigma_max, loss=loss, lr=lr, hold=hold, seed=seed, resume=resume, device=device, val_dir=val_dir,
         checkpoint_minutes=checkpoint_minutes, max_minutes=max_minutes, stop_at=stop_at, log_every=log_every,
     )
     console = make_console()

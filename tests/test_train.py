@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from circatt_cli.app import app
 from circatt_cli.data import CropSampler, augment, load_images
-from circatt_cli.train import Dist, StopSignal, Trainer, TrainOptions, learning_rate, run
+from circatt_cli.train import Dist, StopSignal, Trainer, TrainOptions, crop_loss, learning_rate, loss_weights, run
 from synthetic import smooth_images
 
 
@@ -50,6 +50,28 @@ def test_schedule():
     assert learning_rate(0, opts) == learning_rate(49, opts) == 1e-3
     assert learning_rate(100, opts) == pytest.approx(1e-5)
     assert 1e-5 < learning_rate(75, opts) < 1e-3
+
+
+def test_balanced_loss_weighs_low_sigma_more_and_keeps_the_mse_scale():
+    opts = TrainOptions(data=None, out=None, sigma_min=0.0, sigma_max=55.0, loss="balanced")
+    assert loss_weights(torch.tensor([0.1]), TrainOptions(data=None, out=None)) is None
+    sigma = torch.linspace(0, 55, 100001) / 255
+    w = loss_weights(sigma, opts)
+    assert w.mean().item() == pytest.approx(1.0, rel=1e-3)  # the mean over the uniform training range
+    assert (w[1:] < w[:-1]).all() and w[0] / w[-1] == pytest.approx(60 / 5)
+    out, clean = torch.zeros(2, 1, 3, 3), torch.ones(2, 1, 3, 3)
+    out[1] = 0.5  # crop MSEs 1 and 0.25
+    assert crop_loss(out, clean, None).item() == pytest.approx(0.625)
+    assert crop_loss(out, clean, torch.tensor([2.0, 4.0])).item() == pytest.approx((2 + 1) / 2)
+
+
+def test_a_balanced_run_resumed_from_mse_restarts_the_blowup_check(options, tmp_path):
+    run(options(tmp_path / "r", stop_at=3))  # an epoch ends at step 3: best_epoch is an MSE
+    assert math.isfinite(torch.load(tmp_path / "r" / "last.pt", weights_only=False)["count"]["best_epoch"])
+    summary = run(options(tmp_path / "r", resume=True, loss="balanced", stop_at=5))  # no epoch end in 4-5
+    state = torch.load(tmp_path / "r" / "last.pt", weights_only=False)
+    assert summary["step"] == 5 and state["options"]["loss"] == "balanced"
+    assert state["count"]["best_epoch"] == math.inf
 
 
 def test_resume_is_bit_identical(options, tmp_path):
@@ -127,6 +149,8 @@ def test_user_errors_are_one_line(tmp_path):
     assert code == 2 and "does not exist" in out and "Traceback" not in out
     code, out = invoke(["train", str(tmp_path), "--out", str(tmp_path / "r"), "--preset", "sepia"])
     assert code == 2 and "not a preset" in out
+    code, out = invoke(["train", str(tmp_path), "--out", str(tmp_path / "r"), "--loss", "l7"])
+    assert code == 2 and "not a loss" in out
 
 
 def test_bad_data_is_one_line_and_leaves_no_run_folder(images, tmp_path):
