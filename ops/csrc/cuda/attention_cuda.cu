@@ -63,7 +63,7 @@ __host__ __device__ FwdSmem fwd_smem(const Geom& g, int C, int Cv, bool dist, in
   s.v = b.take((long long)(Cv > 0 ? Cv : 1) * g.ps * sizeof(A));
   s.kn = b.take(dist ? (long long)g.nslots * g.rs * sizeof(A) : 0);
   s.qn = b.take(dist ? (long long)g.npix * sizeof(A) : 0);
-  s.buf = b.take((long long)splits * g.npix * g.L * sizeof(A));
+  s.buf = b.take((long long)splits * g.part * sizeof(A));
   s.m = b.take((long long)g.npix * sizeof(A));
   s.l = b.take((long long)g.npix * sizeof(A));
   s.al = b.take((long long)g.npix * sizeof(A));
@@ -108,7 +108,7 @@ __global__ void __launch_bounds__(kThreads)
   A* lb = lse + plane * HW;
   const A sl2 = scale * log2e<A>();
 
-  const int part = g.npix * g.L;
+  const int part = g.part;
   for (int idx = threadIdx.x; idx < splits * part; idx += blockDim.x) buf[idx] = A(0);
   for (int p = threadIdx.x; p < g.npix; p += blockDim.x) {
     ms[p] = -INFINITY;
@@ -125,7 +125,7 @@ __global__ void __launch_bounds__(kThreads)
 
   for (int a = 0; a < g.ws; ++a) {
     if (a + 1 < g.ws) rings.stage(g, a + g.TI);
-    dot_split(buf, part, splits, qs, C, ks, kn, g, a);
+    dot_split(buf, splits, qs, C, ks, kn, g, a);
     __syncthreads();
     for (int p = warp_id(); p < g.npix; p += num_warps()) {
       A* row = buf + p * g.L + (kRJ - 1);
@@ -225,7 +225,7 @@ struct DqSmem {
 };
 
 template <typename A>
-__host__ __device__ DqSmem dq_smem(const Geom& g, int C, int Cv, bool dist) {
+__host__ __device__ DqSmem dq_smem(const Geom& g, int C, int Cv, bool dist, int splits) {
   Bump b;
   DqSmem s;
   s.q = b.take((long long)C * g.npix * sizeof(A));
@@ -233,8 +233,8 @@ __host__ __device__ DqSmem dq_smem(const Geom& g, int C, int Cv, bool dist) {
   s.k = b.take((long long)(C > 0 ? C : 1) * g.ps * sizeof(A));
   s.v = b.take((long long)(Cv > 0 ? Cv : 1) * g.ps * sizeof(A));
   s.kn = b.take(dist ? (long long)g.nslots * g.rs * sizeof(A) : 0);
-  s.bs = b.take((long long)g.npix * g.L * sizeof(A));
-  s.bp = b.take((long long)g.npix * g.L * sizeof(A));
+  s.bs = b.take((long long)splits * g.part * sizeof(A));
+  s.bp = b.take((long long)splits * g.part * sizeof(A));
   s.l2 = b.take((long long)g.npix * sizeof(A));
   s.d = b.take((long long)g.npix * sizeof(A));
   s.rsum = b.take((long long)g.npix * sizeof(A));
@@ -252,10 +252,10 @@ __global__ void __launch_bounds__(kThreads)
     attn_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                        const T* __restrict__ dy, const acc_t<T>* __restrict__ knorm, const acc_t<T>* __restrict__ L2,
                        const acc_t<T>* __restrict__ D, T* __restrict__ dq, int C, int Cv, int NG, Geom g, bool dist,
-                       acc_t<T> scale) {
+                       acc_t<T> scale, int splits) {
   using A = acc_t<T>;
   extern __shared__ __align__(16) unsigned char smem[];
-  const DqSmem lay = dq_smem<A>(g, C, Cv, dist);
+  const DqSmem lay = dq_smem<A>(g, C, Cv, dist, splits);
   A* qs = reinterpret_cast<A*>(smem + lay.q);
   A* dys = reinterpret_cast<A*>(smem + lay.dy);
   A* ks = reinterpret_cast<A*>(smem + lay.k);
@@ -280,7 +280,7 @@ __global__ void __launch_bounds__(kThreads)
   T* dqb = dq + plane * C * HW;
   const A sl2 = scale * log2e<A>();
 
-  for (int idx = threadIdx.x; idx < g.npix * g.L; idx += blockDim.x) bs[idx] = A(0);
+  for (int idx = threadIdx.x; idx < splits * g.part; idx += blockDim.x) bs[idx] = A(0);
   for (int p = threadIdx.x; p < g.npix; p += blockDim.x) {
     const int i = p / g.TJ, jj = p - i * g.TJ;
     const int64_t n = plane * HW + int64_t(wrap(i0 + i, g.H)) * g.W + wrap(j0 + jj, g.W);
@@ -299,12 +299,7 @@ __global__ void __launch_bounds__(kThreads)
 
   for (int a = 0; a < g.ws; ++a) {
     if (a + 1 < g.ws) rings.stage(g, a + g.TI);
-    for (int t = threadIdx.x; t < 2 * g.ndot; t += blockDim.x) {
-      if (t < g.ndot)
-        dot_tile(t, bs, qs, 0, C, ks, kn, g, a);
-      else
-        dot_tile(t - g.ndot, bp, dys, 0, Cv, vs, static_cast<const A*>(nullptr), g, a);
-    }
+    dot_split_pair(bs, qs, C, ks, kn, bp, dys, Cv, vs, splits, g, a);
     __syncthreads();
     for (int p = warp_id(); p < g.npix; p += num_warps()) {
       A* srow = bs + p * g.L + (kRJ - 1);
@@ -312,8 +307,8 @@ __global__ void __launch_bounds__(kThreads)
       const A l2 = l2s[p], d = ds[p];
       A sum = A(0);
       for (int c = lane_id(); c < g.ws; c += 32) {
-        const A P = ex2(srow[c] * sl2 - l2);
-        const A dS = P * (prow[c] - d);
+        const A P = ex2(sum_parts(srow + c, g.part, splits) * sl2 - l2);
+        const A dS = P * (sum_parts(prow + c, g.part, splits) - d);
         srow[c] = dS;
         sum += dS;
       }
@@ -351,7 +346,7 @@ struct DkvSmem {
 };
 
 template <typename A>
-__host__ __device__ DkvSmem dkv_smem(const Geom& g, int C, int Cv, bool dist) {
+__host__ __device__ DkvSmem dkv_smem(const Geom& g, int C, int Cv, bool dist, int splits) {
   Bump b;
   DkvSmem s;
   s.k = b.take((long long)C * g.npix * sizeof(A));
@@ -360,8 +355,8 @@ __host__ __device__ DkvSmem dkv_smem(const Geom& g, int C, int Cv, bool dist) {
   s.dy = b.take((long long)(Cv > 0 ? Cv : 1) * g.ps * sizeof(A));
   s.l2 = b.take((long long)g.nslots * g.rs * sizeof(A));
   s.d = b.take((long long)g.nslots * g.rs * sizeof(A));
-  s.bs = b.take((long long)g.npix * g.L * sizeof(A));
-  s.bp = b.take((long long)g.npix * g.L * sizeof(A));
+  s.bs = b.take((long long)splits * g.part * sizeof(A));
+  s.bp = b.take((long long)splits * g.part * sizeof(A));
   s.kn = b.take(dist ? (long long)g.npix * sizeof(A) : 0);
   s.csum = b.take((long long)g.npix * sizeof(A));
   s.cmap = b.take((long long)g.cols * sizeof(int));
@@ -379,10 +374,10 @@ __global__ void __launch_bounds__(kThreads)
     attn_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                          const T* __restrict__ dy, const acc_t<T>* __restrict__ L2, const acc_t<T>* __restrict__ D,
                          T* __restrict__ dk, T* __restrict__ dv, int C, int Cv, int NG, Geom g, bool dist,
-                         acc_t<T> scale) {
+                         acc_t<T> scale, int splits) {
   using A = acc_t<T>;
   extern __shared__ __align__(16) unsigned char smem[];
-  const DkvSmem lay = dkv_smem<A>(g, C, Cv, dist);
+  const DkvSmem lay = dkv_smem<A>(g, C, Cv, dist, splits);
   A* ks = reinterpret_cast<A*>(smem + lay.k);
   A* vs = reinterpret_cast<A*>(smem + lay.v);
   A* qr = reinterpret_cast<A*>(smem + lay.q);
@@ -409,7 +404,7 @@ __global__ void __launch_bounds__(kThreads)
   T* dvb = dv + plane * Cv * HW;
   const A sl2 = scale * log2e<A>();
 
-  for (int idx = threadIdx.x; idx < g.npix * g.L; idx += blockDim.x) {
+  for (int idx = threadIdx.x; idx < splits * g.part; idx += blockDim.x) {
     bs[idx] = A(0);
     bp[idx] = A(0);
   }
@@ -435,12 +430,7 @@ __global__ void __launch_bounds__(kThreads)
 
   for (int a = 0; a < g.ws; ++a) {
     if (a + 1 < g.ws) stage_row(a + g.TI);
-    for (int t = threadIdx.x; t < 2 * g.ndot; t += blockDim.x) {
-      if (t < g.ndot)
-        dot_tile(t, bs, ks, 0, C, qr, static_cast<const A*>(nullptr), g, a);
-      else
-        dot_tile(t - g.ndot, bp, vs, 0, Cv, dyr, static_cast<const A*>(nullptr), g, a);
-    }
+    dot_split_pair(bs, ks, C, qr, static_cast<const A*>(nullptr), bp, vs, Cv, dyr, splits, g, a);
     __syncthreads();
     for (int p = warp_id(); p < g.npix; p += num_warps()) {
       const int i = p / g.TJ, jj = p - i * g.TJ;
@@ -452,8 +442,8 @@ __global__ void __launch_bounds__(kThreads)
       const A sub = dist ? A(0.5) * kn[p] : A(0);
       A sum = A(0);
       for (int c = lane_id(); c < g.ws; c += 32) {
-        const A P = ex2((srow[c] - sub) * sl2 - l2row[c]);
-        const A dS = P * (prow[c] - drow[c]);
+        const A P = ex2((sum_parts(srow + c, g.part, splits) - sub) * sl2 - l2row[c]);
+        const A dS = P * (sum_parts(prow + c, g.part, splits) - drow[c]);
         srow[c] = dS;
         prow[c] = P;
         sum += dS;
@@ -583,6 +573,7 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& q_, const at::Tenso
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "circatt_attention_backward", [&] {
     using A = acc_t<scalar_t>;
     constexpr int RC = AccumChannels<scalar_t>::value;
+    const int splits = max_dot_splits(std::min(s.C, s.Cv));  // S and dP share the parts
     {
       rowterms_kernel<scalar_t><<<grid_stride_blocks(total), kThreads, 0, stream>>>(
           q.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(), lse.data_ptr<A>(),
@@ -593,15 +584,15 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& q_, const at::Tenso
       const int NG = groups_for(s.C, RC);
       auto kernel = attn_bwd_dq_kernel<scalar_t, RC>;
       const Launch l = choose_launch(
-          int(s.H), int(s.W), ws, s.B * s.G, NG, 2, 1, kernel_registers(kernel),
-          [&](const Geom& g, int) { return dq_smem<A>(g, int(s.C), int(s.Cv), distance).bytes; },
+          int(s.H), int(s.W), ws, s.B * s.G, NG, 2, splits, kernel_registers(kernel),
+          [&](const Geom& g, int parts) { return dq_smem<A>(g, int(s.C), int(s.Cv), distance, parts).bytes; },
           "attention_backward (dq)");
       allow_smem(kernel, l.smem);
       const dim3 grid(unsigned(l.tiles), unsigned(s.B * s.G));
       kernel<<<grid, l.threads, l.smem, stream>>>(
           q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(),
           distance ? knorm.data_ptr<A>() : nullptr, L2.data_ptr<A>(), D.data_ptr<A>(), dq.data_ptr<scalar_t>(),
-          int(s.C), int(s.Cv), NG, l.g, distance, A(scale));
+          int(s.C), int(s.Cv), NG, l.g, distance, A(scale), l.splits);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     if (dk.numel() > 0 || dv.numel() > 0) {
@@ -609,15 +600,15 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& q_, const at::Tenso
       const int NG = ngk > ngv ? ngk : ngv;
       auto kernel = attn_bwd_dkdv_kernel<scalar_t, RC>;
       const Launch l = choose_launch(
-          int(s.H), int(s.W), ws, s.B * s.G, NG, 2, 1, kernel_registers(kernel),
-          [&](const Geom& g, int) { return dkv_smem<A>(g, int(s.C), int(s.Cv), distance).bytes; },
+          int(s.H), int(s.W), ws, s.B * s.G, NG, 2, splits, kernel_registers(kernel),
+          [&](const Geom& g, int parts) { return dkv_smem<A>(g, int(s.C), int(s.Cv), distance, parts).bytes; },
           "attention_backward (dk, dv)");
       allow_smem(kernel, l.smem);
       const dim3 grid(unsigned(l.tiles), unsigned(s.B * s.G));
       kernel<<<grid, l.threads, l.smem, stream>>>(
           q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(),
           L2.data_ptr<A>(), D.data_ptr<A>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), int(s.C),
-          int(s.Cv), NG, l.g, distance, A(scale));
+          int(s.Cv), NG, l.g, distance, A(scale), l.splits);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });

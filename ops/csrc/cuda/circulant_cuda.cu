@@ -20,7 +20,7 @@ __host__ __device__ SimSmem sim_smem(const Geom& g, int C, bool dist, int splits
   s.k = b.take((long long)(C > 0 ? C : 1) * g.ps * sizeof(A));
   s.kn = b.take(dist ? (long long)g.nslots * g.rs * sizeof(A) : 0);
   s.qn = b.take(dist ? (long long)g.npix * sizeof(A) : 0);
-  s.buf = b.take((long long)splits * g.npix * g.L * sizeof(A));
+  s.buf = b.take((long long)splits * g.part * sizeof(A));
   s.cmap = b.take((long long)g.cols * sizeof(int));
   s.bytes = b.bytes;
   return s;
@@ -68,7 +68,7 @@ __global__ void __launch_bounds__(kThreads)
 
   for (int a = 0; a < g.ws; ++a) {
     if (a + 1 < g.ws) stage_row(a + g.TI);
-    dot_split(buf, g.npix * g.L, splits, qs, C, ks, kn, g, a);
+    dot_split(buf, splits, qs, C, ks, kn, g, a);
     __syncthreads();
     for (int p = warp_id(); p < g.npix; p += num_warps()) {
       const int i = p / g.TJ, jj = p - i * g.TJ;
@@ -77,7 +77,7 @@ __global__ void __launch_bounds__(kThreads)
       const A* src = buf + p * g.L + (kRJ - 1);
       T* dst = Sb + (int64_t(i0 + i) * g.W + (j0 + jj)) * K + int64_t(a) * g.ws;
       for (int c = lane_id(); c < g.ws; c += 32)
-        dst[c] = static_cast<T>(sum_parts(src + c, g.npix * g.L, splits) - sub);
+        dst[c] = static_cast<T>(sum_parts(src + c, g.part, splits) - sub);
     }
     cp_async_wait();
     __syncthreads();
@@ -95,7 +95,7 @@ __host__ __device__ ApplySmem apply_smem(const Geom& g, int CB) {
   Bump b;
   ApplySmem s;
   s.x = b.take((long long)(CB > 0 ? CB : 1) * g.ps * sizeof(A));
-  s.buf = b.take(2LL * g.npix * g.L * sizeof(A));
+  s.buf = b.take(2LL * g.part * sizeof(A));
   s.cmap = b.take((long long)g.cols * sizeof(int));
   s.bytes = b.bytes;
   return s;
@@ -158,7 +158,7 @@ __global__ void __launch_bounds__(kThreads)
   const T* Ab = Aw + plane * HW * K;
   const T* xb = x + (plane * C + cb0) * HW;
   T* yb = y + (plane * C + cb0) * HW;
-  const int bufsize = g.npix * g.L;
+  const int bufsize = g.part;
 
   for (int idx = threadIdx.x; idx < 2 * bufsize; idx += blockDim.x) bufs[idx] = A(0);
   halo_columns(cmap, g, j0);

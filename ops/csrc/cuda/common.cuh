@@ -13,7 +13,10 @@
 // Layout conventions (elements of the accumulation type A):
 //   tile    [ch][npix]            pixel p = i * TJ + jj
 //   ring    [ch][slot][col]       slot = (halo row) mod (TI+1), row stride rs, plane stride ps
-//   buffer  [p][L]                L = (kRJ-1) zeros | ws values | (kRJ-1) zeros
+//   buffer  [p][L]                L = (kRJ-1) zeros | ws values | 1 zero, then kRJ-1 zeros after the
+//                                 last pixel: a pixel's leading zeros are the trailing ones of the
+//                                 pixel before it; L is odd (ws is), which spreads a warp's pixels over
+//                                 the banks. A buffer (one channel part) is `part` elements.
 #pragma once
 
 #include <algorithm>
@@ -75,20 +78,23 @@ struct Geom {
   int cols;          // halo columns, TJ + ws - 1
   int nslots;        // ring rows, TI + 1
   int rs, ps;        // ring row stride and plane stride (odd: spreads banks)
-  int L;             // buffer row length, ws + 2 * (kRJ - 1)
+  int L;             // buffer row length, ws + kRJ (odd)
+  int part;          // buffer length, npix * L + kRJ - 1
   int tiles_j;       // tiles along W
   int ndot;          // dot tiles per window row
 };
 
-inline Geom make_geom(int H, int W, int ws, int TI, int TJ) {
+// dot_reads: a dot loop reads the ring, up to 6 columns past the halo (the apply has none).
+inline Geom make_geom(int H, int W, int ws, int TI, int TJ, bool dot_reads) {
   Geom g;
   g.H = H; g.W = W; g.ws = ws; g.r = (ws - 1) / 2;
   g.TI = TI; g.TJ = TJ; g.npix = TI * TJ;
   g.cols = TJ + ws - 1;
   g.nslots = TI + 1;
-  g.rs = (g.cols + 7) | 1;  // the dot loop reads up to 6 columns past the halo
+  g.rs = (g.cols + (dot_reads ? kDC - 1 : 0)) | 1;
   g.ps = (g.nslots * g.rs) | 1;
-  g.L = ws + 2 * (kRJ - 1);
+  g.L = ws + kRJ;
+  g.part = g.npix * g.L + kRJ - 1;
   g.tiles_j = (W + TJ - 1) / TJ;
   g.ndot = TI * (TJ / kDJ) * ((ws + kDC - 1) / kDC);
   return g;
@@ -247,17 +253,38 @@ __device__ __forceinline__ void dot_tile(int t, A* __restrict__ buf, const A* __
   }
 }
 
-// All dot tiles of window row a, with the channels cut into `splits` near-equal parts so that
-// more threads share the step: part s writes its partial sums to buf + s * stride (the norms
-// term goes with part 0). Readers add the parts with sum_parts().
+// Dot tile u of the ndot * splits tiles of window row a whose channels are cut into `splits`
+// near-equal parts, so that more threads share the step: part s writes its partial sums to
+// buf + s * g.part (the norms term goes with part 0). Readers add the parts with sum_parts().
 template <typename A>
-__device__ __forceinline__ void dot_split(A* __restrict__ buf, int stride, int splits, const A* __restrict__ tile,
-                                          int C, const A* __restrict__ ring, const A* __restrict__ rnorm,
-                                          const Geom& g, int a) {
-  const int per = (C + splits - 1) / splits;
-  for (int t = threadIdx.x; t < g.ndot * splits; t += blockDim.x) {
-    const int s = t / g.ndot, ch0 = s * per;
-    dot_tile(t - s * g.ndot, buf + s * stride, tile, ch0, min(C, ch0 + per), ring, s == 0 ? rnorm : nullptr, g, a);
+__device__ __forceinline__ void dot_part(int u, A* __restrict__ buf, int splits, const A* __restrict__ tile, int C,
+                                         const A* __restrict__ ring, const A* __restrict__ rnorm, const Geom& g,
+                                         int a) {
+  const int s = u / g.ndot, per = (C + splits - 1) / splits, ch0 = s * per;
+  dot_tile(u - s * g.ndot, buf + s * g.part, tile, ch0, min(C, ch0 + per), ring, s == 0 ? rnorm : nullptr, g, a);
+}
+
+// All dot tiles of window row a, in `splits` channel parts (dot_part).
+template <typename A>
+__device__ __forceinline__ void dot_split(A* __restrict__ buf, int splits, const A* __restrict__ tile, int C,
+                                          const A* __restrict__ ring, const A* __restrict__ rnorm, const Geom& g,
+                                          int a) {
+  for (int t = threadIdx.x; t < g.ndot * splits; t += blockDim.x) dot_part(t, buf, splits, tile, C, ring, rnorm, g, a);
+}
+
+// The fused backward's two dot loops of window row a side by side (S into buf0 with the norms
+// rnorm0, dP into buf1), each in `splits` channel parts: the threads share the tiles of both.
+template <typename A>
+__device__ __forceinline__ void dot_split_pair(A* __restrict__ buf0, const A* __restrict__ tile0, int C0,
+                                               const A* __restrict__ ring0, const A* __restrict__ rnorm0,
+                                               A* __restrict__ buf1, const A* __restrict__ tile1, int C1,
+                                               const A* __restrict__ ring1, int splits, const Geom& g, int a) {
+  const int n = g.ndot * splits;
+  for (int t = threadIdx.x; t < 2 * n; t += blockDim.x) {
+    if (t < n)
+      dot_part(t, buf0, splits, tile0, C0, ring0, rnorm0, g, a);
+    else
+      dot_part(t - n, buf1, splits, tile1, C1, ring1, static_cast<const A*>(nullptr), g, a);
   }
 }
 
@@ -494,7 +521,7 @@ Launch choose_launch(int H, int W, int ws, int64_t planes, int groups, int dots,
     if (TJ > 8 && TJ / 2 >= W) continue;
     const int acc_threads = TI * (TJ / kRJ) * groups;
     if (acc_threads > kThreads) continue;
-    const Geom g = make_geom(H, W, ws, TI, TJ);
+    const Geom g = make_geom(H, W, ws, TI, TJ, dots > 0);
     const int tiles = (H + TI - 1) / TI * g.tiles_j;
     for (int splits = 1; splits <= max_splits; ++splits) {
       const int dot_threads = g.ndot * dots * splits;
