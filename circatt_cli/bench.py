@@ -599,8 +599,11 @@ def _progress_line(row: Row) -> str:
     return f"{row.impl:>10}  {row.median_ms:10.4f} ms  (min {row.min_ms:.4f}, max {row.max_ms:.4f}, {row.runs} runs){err}  {row.status}"
 
 
-def run_bench(settings: Settings, console: Console) -> tuple[list[Row], Ceilings]:
-    """Build the kernels, measure the ceilings, then every group and the model rows."""
+def run_bench(
+    settings: Settings, console: Console, after_group: Callable[[list[Row], Ceilings], None] | None = None
+) -> tuple[list[Row], Ceilings]:
+    """Build the kernels, measure the ceilings, then every group and the model rows; `after_group` gets
+    the rows so far after each group (the command saves them, so that a run cut off keeps its rows)."""
     peers = [p for p in all_peers(settings.device) if settings.impls is None or p.name in settings.impls]
     t0 = time.perf_counter()
     try:
@@ -621,6 +624,8 @@ def run_bench(settings: Settings, console: Console) -> tuple[list[Row], Ceilings
             console.print(f"[dim]    {_progress_line(row)}[/]", highlight=False)
         rows += done
         synchronize(settings.device)
+        if after_group is not None:
+            after_group(rows, ceilings)
     if settings.model:
         rows += bench_model(settings)
     add_speedups(rows, "cuda" if settings.device.type == "cuda" else "cpu")
@@ -641,7 +646,7 @@ def bench(
     warmup: int = typer.Option(None, help="Untimed runs before timing (at least 1); default 3."),
     seed: int = typer.Option(0, help="Seed of the random inputs."),
     quick: bool = typer.Option(False, "--quick", help="A small subset: the sweep at 32 and 48 px, window 7, one 32 px gray denoise."),
-    json_path: Path = typer.Option(None, "--json", help="Write every row and the ceilings as JSON.", dir_okay=False),
+    json_path: Path = typer.Option(None, "--json", help="Write every row and the ceilings as JSON; rewritten after each group, so a run cut off keeps its rows (meta.complete says whether it finished).", dir_okay=False),
     csv_path: Path = typer.Option(None, "--csv", help="Write every row as CSV.", dir_okay=False),
     plot_path: Path = typer.Option(None, "--plot", help="Write a log-log PNG of time against image size.", dir_okay=False),
 ) -> None:
@@ -659,28 +664,38 @@ def bench(
     if not console.is_terminal:
         console = Console(width=170)
     started = time.perf_counter()
-    rows, ceilings = run_bench(settings, console)
     name = _device_name(settings.device)
+
+    def save(rows: list[Row], ceilings: Ceilings, complete: bool = False) -> None:
+        """The JSON and CSV of the rows so far (`meta.complete` says whether the run got to its end)."""
+        meta = {
+            "device": name, "torch": torch.__version__, "cuda": torch.version.cuda, "circatt": __version__,
+            "python": platform.python_version(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "seconds": round(time.perf_counter() - started, 2), "tf32": torch.backends.cuda.matmul.allow_tf32,
+            "complete": complete, "settings": {k: str(v) for k, v in asdict(settings).items()},
+        }
+        try:
+            if json_path:
+                write_json(json_path, meta, ceilings, rows)
+            if csv_path:
+                write_csv(csv_path, rows)
+        except OSError as err:
+            print_error(console, f"cannot write the results: {err}")
+            raise typer.Exit(1) from None
+
+    rows, ceilings = run_bench(settings, console, save)
     print_report(rows, ceilings, name, console)
-    meta = {
-        "device": name, "torch": torch.__version__, "cuda": torch.version.cuda, "circatt": __version__,
-        "python": platform.python_version(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "seconds": round(time.perf_counter() - started, 2), "tf32": torch.backends.cuda.matmul.allow_tf32,
-        "settings": {k: str(v) for k, v in asdict(settings).items()},
-    }
-    try:
-        if json_path:
-            write_json(json_path, meta, ceilings, rows)
-        if csv_path:
-            write_csv(csv_path, rows)
-        if plot_path:
+    save(rows, ceilings, complete=True)
+    if plot_path:
+        try:
             write_plot(plot_path, rows, name)
-    except OSError as err:
-        print_error(console, f"cannot write the results: {err}")
-        raise typer.Exit(1) from None
+        except OSError as err:
+            print_error(console, f"cannot write the plot: {err}")
+            raise typer.Exit(1) from None
+    seconds = time.perf_counter() - started
     ours = "cuda" if settings.device.type == "cuda" else "cpu"
     failed = [r for r in rows if r.status == "WRONG" or (r.status == "error" and r.impl == ours)]
-    console.print(f"{len(rows)} rows in {meta['seconds']:.0f} s" + (f"; [bold red]{len(failed)} WRONG or failed[/]" if failed else ""))
+    console.print(f"{len(rows)} rows in {seconds:.0f} s" + (f"; [bold red]{len(failed)} WRONG or failed[/]" if failed else ""))
     if failed:
         raise typer.Exit(1)
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import TextIO
 from typing import TYPE_CHECKING
 
 from rich.console import Console
@@ -62,18 +64,29 @@ def _table(title: str, rows: Sequence[Row]) -> Table:
     return table
 
 
+def _replace(path: Path, write: Callable[[TextIO], None]) -> None:
+    """Write through a temporary file beside `path`, then rename: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
 def write_json(path: Path, meta: dict, ceilings: Ceilings | None, rows: Sequence[Row]) -> None:
     doc = {"meta": meta, "ceilings": None if ceilings is None else ceilings.as_dict(), "rows": [asdict(r) for r in rows]}
-    path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    _replace(path, lambda f: f.write(json.dumps(doc, indent=2, default=str) + "\n"))
 
 
 def write_csv(path: Path, rows: Sequence[Row]) -> None:
     flat = [r.flat() for r in rows]
     fields = list(dict.fromkeys(k for d in flat for k in d))
-    with path.open("w", newline="") as f:
+
+    def write(f: TextIO) -> None:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(flat)
+
+    _replace(path, write)
 
 
 def write_plot(path: Path, rows: Sequence[Row], device_name: str) -> None:

@@ -40,6 +40,28 @@ def report(tmp_path_factory):
     return paths, json.loads(paths["json"].read_text()), result.output
 
 
+def test_a_run_cut_off_keeps_the_rows_it_measured(tmp_path, monkeypatch):
+    """The JSON and CSV are rewritten after every group: a bench killed mid-way (a device call's time
+    limit) still leaves the groups it finished, marked incomplete."""
+    real, calls = bench.bench_group, []
+
+    def dies_on_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("cut off")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "bench_group", dies_on_the_second)
+    paths = [tmp_path / "b.json", tmp_path / "b.csv"]
+    result = CliRunner().invoke(app, ["bench", "--device", "cpu", *TINY, "--json", str(paths[0]), "--csv", str(paths[1])])
+    assert isinstance(result.exception, RuntimeError) and len(calls) == 2
+    doc = json.loads(paths[0].read_text())
+    assert doc["meta"]["complete"] is False and doc["rows"]
+    assert len({(r["case"], r["shape"], r["op"], r["mode"]) for r in doc["rows"]}) == 1  # the first group only
+    assert len(list(csv.DictReader(paths[1].open()))) == len(doc["rows"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.csv", "b.json"]  # no temporary left behind
+
+
 def test_json_has_every_cpu_peer_checked_and_timed(report):
     _, doc, _ = report
     op_rows = [r for r in doc["rows"] if r["section"] == "op"]
@@ -61,6 +83,7 @@ def test_json_has_every_cpu_peer_checked_and_timed(report):
 def test_json_fields_are_sane(report):
     _, doc, _ = report
     assert doc["meta"]["device"].startswith("CPU") and doc["meta"]["torch"] == torch.__version__
+    assert doc["meta"]["complete"] is True
     assert doc["ceilings"]["copy_GBps"] > 0 and doc["ceilings"]["matmul_TFLOPs"]["float32"] > 0
     timed = [r for r in doc["rows"] if r["median_ms"] is not None]
     assert timed
