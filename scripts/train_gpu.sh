@@ -9,8 +9,10 @@
 # there (and its log to checkpoints/groupcdl-PRESET-log.jsonl) to keep a chunk's progress.
 # STEPS is the total of the whole run (the learning-rate schedule spans it), not of this chunk.
 # Environment: MAX_MINUTES, DATA (default data_cache/CBSD432.npz), BATCH (per GPU, default 12), RUN (default
-# runs/PRESET), EXTRA (more flags), OMP_NUM_THREADS (default 4 for a single-process run). CUDA_VISIBLE_DEVICES
-# picks the GPUs (two chunks can share a machine).
+# runs/PRESET), EXTRA (more flags), OMP_NUM_THREADS (default 4 for a single-process run), EVAL (folders of
+# clean test images, space-separated: after the chunk, its weights are exported to $OUT/PRESET.safetensors and
+# scored by `circatt eval` at sigma 15, 25 and 50 into $OUT/eval.json; EVAL_DEVICE, default cuda).
+# CUDA_VISIBLE_DEVICES picks the GPUs (two chunks can share a machine).
 set -euo pipefail
 
 usage="usage: scripts/train_gpu.sh gray|color STEPS"
@@ -70,3 +72,11 @@ print(f"throughput: {e['images_per_s']:.1f} images/s, {e['steps_per_s']:.3f} ste
       f"({e['world']} GPU(s) x batch {e['batch_per_process']}); now at step {e['step']} (+{e['steps_this_run']}); "
       f"peak GPU memory {e.get('max_memory_gib', 0):.1f} GiB (rank 0)")
 PY
+
+if [ -n "${EVAL:-}" ]; then
+    python scripts/export_weights.py "$RUN/last.pt" "$OUT/$PRESET.safetensors"
+    EVAL_ARGS=()
+    for folder in $EVAL; do EVAL_ARGS+=(--data "$folder"); done
+    python "$LAUNCHER" eval --model "$OUT/$PRESET.safetensors" "${EVAL_ARGS[@]}" --sigma 15,25,50 \
+        --device "${EVAL_DEVICE:-cuda}" --json "$OUT/eval.json"
+fi
