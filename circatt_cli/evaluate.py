@@ -268,8 +268,7 @@ def eval_command(
     if twice:  # results are keyed by the folder's name: two such folders would be scored as one dataset
         raise typer.BadParameter(f"two --data folders are named {twice[0]!r}; results are grouped by folder name", param_hint="--data")
     for option, path in (("--json", json_path), ("--csv", csv_path)):
-        if path is not None:
-            check_result_file(path, option)
+        check_result_file(path, option)
     sigmas = _parse_sigmas(sigma)
     torch_device, _ = resolve_device(device)
     peer_fns, notes = available_peers(_parse_peers(peers))

@@ -273,10 +273,11 @@ class Trainer:
             print_note(self.console, f"world size {state['world']} -> {self.ctx.world}: data streams reseeded")
         self.restore(state, state["samplers"][self.ctx.rank] if same_world else None)
         set_rng_states(state["rng"])
-        if state["options"].get("loss", "mse") != self.opts.loss:  # the blow-up check compares like with like
+        saved_loss = state["options"].get("loss", "mse")  # checkpoints from before --loss trained with MSE
+        if saved_loss != self.opts.loss:  # the blow-up check compares like with like
             self.count.best_epoch = math.inf
             if self.ctx.main:
-                print_note(self.console, f"loss {state['options'].get('loss', 'mse')} -> {self.opts.loss}: best epoch reset")
+                print_note(self.console, f"loss {saved_loss} -> {self.opts.loss}: best epoch reset")
         self.anchor = self.capture()
 
     # ----- one step -----------------------------------------------------------------------------
@@ -512,7 +513,7 @@ def train_command(
     crop: int = typer.Option(128, "--crop", min=2, help="Crop side in pixels."),
     sigma_min: float = typer.Option(0.0, "--sigma-min", min=0.0, help="Lowest training noise level (0-255)."),
     sigma_max: float = typer.Option(55.0, "--sigma-max", min=0.0, help="Highest training noise level (0-255)."),
-    loss: str = typer.Option("mse", "--loss", help="mse (the authors'), or balanced: each crop's MSE / (sigma + 5/255), so the low noise levels weigh as much in dB as the high."),
+    loss: str = typer.Option("mse", "--loss", help=f"mse (the authors'), or balanced: each crop's MSE / (sigma + {BALANCE_OFFSET * 255:g}/255), so the low noise levels weigh as much in dB as the high."),
     lr: float = typer.Option(5e-4, "--lr", min=0.0, help="Peak learning rate."),
     hold: float = typer.Option(0.67, "--hold", min=0.0, max=1.0, help="Fraction of steps at the peak lr before the decay."),
     seed: int = typer.Option(0, "--seed"),

@@ -12,7 +12,7 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from circatt_cli.weights import load_model
+from circatt_cli.weights import WeightsError, load_model
 
 
 def main() -> None:
@@ -21,9 +21,17 @@ def main() -> None:
     parser.add_argument("size", help="HxW of the random image, e.g. 512x512")
     parser.add_argument("--rows", type=int, default=15, help="kernels to list")
     args = parser.parse_args()
-    h, w = (int(n) for n in args.size.lower().split("x"))
+    parts = args.size.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        parser.error(f"size {args.size!r}: give HxW, e.g. 512x512")
+    h, w = (int(p) for p in parts)
+    if not torch.cuda.is_available():
+        parser.error("profiles the CUDA kernels: no CUDA device here")
     device = torch.device("cuda")
-    model = load_model(args.model, device)
+    try:
+        model = load_model(args.model, device)
+    except WeightsError as err:
+        parser.error(str(err))
     x = torch.rand(1, model.config.channels, h, w, device=device)
     sigma = torch.tensor([25 / 255], device=device)
     with torch.inference_mode():
