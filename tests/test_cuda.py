@@ -80,6 +80,30 @@ def test_similarity_and_apply(shape, kind, dtype):
         _close(out.cpu(), ref, dtype)
 
 
+# (B, C, H, W, window) for the apply alone: several channel groups, a second and partial block of
+# channels (C > 128), several tiles along a row.
+APPLY_SHAPES = [(1, 24, 12, 96, 7), (1, 136, 35, 96, 35), (2, 64, 9, 20, 9)]
+
+
+@pytest.mark.parametrize("shape", APPLY_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_apply_many_channels(shape, dtype):
+    B, C, H, W, window = shape
+    q, k = (torch.randn(B, 4, H, W, dtype=torch.float64) for _ in range(2))
+    A = ca.adjacency(q, k, window, backend="reference")
+    x = torch.randn(B, C, H, W, dtype=torch.float64)
+    Ad = A.to(device="cuda", dtype=dtype)
+    inputs = [x.to("cuda", dtype)]
+    if dtype == torch.float32:  # a contiguous view 4 bytes off 16-byte alignment: no kernel may assume more
+        inputs.append(torch.empty(x.numel() + 1, device="cuda", dtype=dtype)[1:].view(x.shape).copy_(x))
+    for transposed in (False, True):
+        ref = (A.apply_transposed if transposed else A.apply)(x, backend="reference")
+        for xd in inputs:
+            poison_allocator("cuda")
+            out = (Ad.apply_transposed if transposed else Ad.apply)(xd, backend="cuda")
+            _close(out.cpu(), ref, dtype)
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("kind", ["dot", "distance"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])

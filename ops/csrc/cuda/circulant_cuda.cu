@@ -87,7 +87,7 @@ __global__ void __launch_bounds__(kThreads)
 // ---------------------------------------------------------------- apply
 
 struct ApplySmem {
-  int x, buf, cmap, bytes;
+  int x, buf, cmap, pix, bytes;
 };
 
 template <typename A>
@@ -97,24 +97,39 @@ __host__ __device__ ApplySmem apply_smem(const Geom& g, int CB) {
   s.x = b.take((long long)(CB > 0 ? CB : 1) * g.ps * sizeof(A));
   s.buf = b.take(2LL * g.part * sizeof(A));
   s.cmap = b.take((long long)g.cols * sizeof(int));
+  s.pix = b.take((long long)g.npix * sizeof(int));
   s.bytes = b.bytes;
   return s;
 }
 
-// Weights of window row a into the zero-padded buffer: buf[p][c] = w_p(a, c), see apply_kernel.
-// Not transposed: a warp copies one pixel's ws consecutive values. Transposed: position (i, u)
+// pix[p] = the plane offset of tile pixel p (wrapped), so that staging a weight row costs no division.
+__device__ __forceinline__ void tile_pixels(int* pix, const Geom& g, int i0, int j0) {
+  for (int p = threadIdx.x; p < g.npix; p += blockDim.x) {
+    const int i = p / g.TJ, jj = p - i * g.TJ;
+    pix[p] = wrap(i0 + i, g.H) * g.W + wrap(j0 + jj, g.W);
+  }
+}
+
+// Weights of window row a into the buffer: w_p(a, c) at apply_row(p) + c, see apply_kernel.
+// Not transposed: the block walks the tile's (pixel, column) pairs in order, one element a thread,
+// so that consecutive threads copy consecutive values and every lane has one. Transposed: position (i, u)
 // is the source pixel (i0+i+a-r, halo column u); lanes walk the output columns jj, whose window
 // column is cp = u - jj, i.e. the source's slot (ws-1-a, ws-1-cp): consecutive addresses.
 template <typename T, typename A>
 __device__ void stage_weights(A* __restrict__ buf, const T* __restrict__ Ab, const Geom& g, int i0, int j0, int a,
-                              bool transposed, const int* __restrict__ cmap) {
+                              bool transposed, const int* __restrict__ cmap, const int* __restrict__ pix) {
   const int64_t K = int64_t(g.ws) * g.ws;
   if (!transposed) {
-    for (int p = warp_id(); p < g.npix; p += num_warps()) {
-      const int i = p / g.TJ, jj = p - i * g.TJ;
-      const T* src = Ab + (int64_t(wrap(i0 + i, g.H)) * g.W + wrap(j0 + jj, g.W)) * K + int64_t(a) * g.ws;
-      A* dst = buf + p * g.L + (kRJ - 1);
-      for (int c = lane_id(); c < g.ws; c += 32) put(dst + c, src + c);
+    const int step = blockDim.x, dp = step / g.ws, dc = step - dp * g.ws;
+    int p = threadIdx.x / g.ws, c = threadIdx.x - p * g.ws;
+    for (int idx = threadIdx.x; idx < g.npix * g.ws; idx += step) {
+      put(buf + apply_row(g, p) + c, Ab + pix[p] * K + int64_t(a) * g.ws + c);
+      p += dp;
+      c += dc;
+      if (c >= g.ws) {
+        c -= g.ws;
+        ++p;
+      }
     }
   } else {
     const int per = 32 / g.TJ;
@@ -126,7 +141,34 @@ __device__ void stage_weights(A* __restrict__ buf, const T* __restrict__ Ab, con
       const int cp = u - jj;
       if (cp < 0 || cp >= g.ws) continue;
       const int srow = wrap(i0 + i + a - g.r, g.H);
-      put(buf + (i * g.TJ + jj) * g.L + (kRJ - 1) + cp, Ab + (int64_t(srow) * g.W + cmap[u]) * K + slot_row - cp);
+      put(buf + apply_row(g, i * g.TJ + jj) + cp, Ab + (int64_t(srow) * g.W + cmap[u]) * K + slot_row - cp);
+    }
+  }
+}
+
+// The apply's accumulate loop, one thread: pixels jj0 .. jj0+kAP-1 of tile row i, channels
+// grp + rc*NG:  acc[p][rc] += sum_t row_p[t] * ring[ch][(i+a) mod (TI+1)][jj0 + t], where row_p is
+// pixel p's buffer row (its weights shifted by p, zeros around them). Four offsets t a step, each
+// operand from one 16-byte load: RC + kAP loads for 4 * kAP * RC FMAs.
+template <int RC, typename A>
+__device__ __forceinline__ void accumulate_apply(A (&acc)[kAP][RC], const A* __restrict__ rows,
+                                                 const A* __restrict__ ring, int grp, int NG, const Geom& g, int i,
+                                                 int jg, int a) {
+  const A* xp = ring + grp * g.ps + ((i + a) % g.nslots) * g.rs + jg * kAP;
+  const int cs = NG * g.ps;
+#pragma unroll 2
+  for (int t = 0; t < g.L; t += 4) {
+    A xv[RC][4];
+#pragma unroll
+    for (int rc = 0; rc < RC; ++rc) load4<A>(xv[rc], xp + rc * cs + t);
+#pragma unroll
+    for (int p = 0; p < kAP; ++p) {
+      A w[4];
+      load4<A>(w, rows + p * g.L + t);
+#pragma unroll
+      for (int v = 0; v < 4; ++v)
+#pragma unroll
+        for (int rc = 0; rc < RC; ++rc) acc[p][rc] = fma(w[v], xv[rc][v], acc[p][rc]);
     }
   }
 }
@@ -134,9 +176,10 @@ __device__ void stage_weights(A* __restrict__ buf, const T* __restrict__ Ab, con
 // y[ch, p] = sum_{a,c} w_p(a, c) * x[ch, p + (a-r, c-r)], where w_p(a, c) is
 //   A[p, a, c]                                   (not transposed), or
 //   A[p + (a-r, c-r), ws-1-a, ws-1-c]            (transposed: the rows whose window holds p).
-// Per window row the weights sit in one of two zero-padded buffers (the other receives the next
-// row's weights meanwhile) and are accumulated against the x ring: one barrier per step.
-// Block z takes channels [z*NG*RC, (z+1)*NG*RC).
+// Per window row the weights sit in one of two buffers (the other receives the next row's
+// weights meanwhile) and are accumulated against the x ring: one barrier per step. The ring and
+// the buffers start zeroed: the zeros around each weight row, the ring columns past the halo and
+// the channels past C (block z takes channels [z*NG*RC, (z+1)*NG*RC)) are never written after.
 template <typename T, int RC>
 __global__ void __launch_bounds__(kThreads)
     apply_kernel(const T* __restrict__ Aw, const T* __restrict__ x, T* __restrict__ y, int C, int NG, Geom g,
@@ -148,6 +191,7 @@ __global__ void __launch_bounds__(kThreads)
   A* xs = reinterpret_cast<A*>(smem + lay.x);
   A* bufs = reinterpret_cast<A*>(smem + lay.buf);
   int* cmap = reinterpret_cast<int*>(smem + lay.cmap);
+  int* pix = reinterpret_cast<int*>(smem + lay.pix);
 
   int i0, j0;
   tile_origin(g, i0, j0);
@@ -160,31 +204,32 @@ __global__ void __launch_bounds__(kThreads)
   T* yb = y + (plane * C + cb0) * HW;
   const int bufsize = g.part;
 
+  for (int idx = threadIdx.x; idx < CB * g.ps; idx += blockDim.x) xs[idx] = A(0);
   for (int idx = threadIdx.x; idx < 2 * bufsize; idx += blockDim.x) bufs[idx] = A(0);
   halo_columns(cmap, g, j0);
+  tile_pixels(pix, g, i0, j0);
   __syncthreads();
-  for (int rr = 0; rr < g.TI; ++rr) stage_ring_row(xs, xb, cbn, g, wrap(i0 - g.r + rr, g.H), rr % g.nslots, cmap);
-  stage_weights(bufs, Ab, g, i0, j0, 0, transposed, cmap);
+  auto stage_row = [&](int rr) {
+    stage_ring_row(xs, xb, cbn, g, wrap(i0 - g.r + rr, g.H), rr % g.nslots, cmap);
+  };
+  for (int rr = 0; rr < g.TI; ++rr) stage_row(rr);
+  stage_weights(bufs, Ab, g, i0, j0, 0, transposed, cmap, pix);
   cp_async_wait();
   __syncthreads();
 
-  const int ngj = g.TJ / kRJ;
+  const int ngj = g.TJ / kAP;
   const int tt = threadIdx.x;
   const bool owner = tt < g.TI * ngj * NG;
   const int jg = tt % ngj, grp = (tt / ngj) % NG, ti = tt / (ngj * NG);
-  A acc[kRJ][RC];
-#pragma unroll
-  for (int p = 0; p < kRJ; ++p)
-#pragma unroll
-    for (int rc = 0; rc < RC; ++rc) acc[p][rc] = A(0);
+  const int rows = apply_group(g, ti * g.TJ + jg * kAP);
+  A acc[kAP][RC] = {};
 
   for (int a = 0; a < g.ws; ++a) {
     if (a + 1 < g.ws) {
-      const int rr = a + g.TI;
-      stage_ring_row(xs, xb, cbn, g, wrap(i0 - g.r + rr, g.H), rr % g.nslots, cmap);
-      stage_weights(bufs + ((a + 1) & 1) * bufsize, Ab, g, i0, j0, a + 1, transposed, cmap);
+      stage_row(a + g.TI);
+      stage_weights(bufs + ((a + 1) & 1) * bufsize, Ab, g, i0, j0, a + 1, transposed, cmap, pix);
     }
-    if (owner) accumulate<RC>(acc, bufs + (a & 1) * bufsize, xs, cbn, grp, NG, g, ti, jg, a);
+    if (owner) accumulate_apply<RC>(acc, bufs + (a & 1) * bufsize + rows, xs, grp, NG, g, ti, jg, a);
     cp_async_wait();
     __syncthreads();
   }
@@ -195,8 +240,8 @@ __global__ void __launch_bounds__(kThreads)
       const int ch = grp + NG * rc;
       if (ch >= cbn) continue;
 #pragma unroll
-      for (int p = 0; p < kRJ; ++p) {
-        const int jj = jg * kRJ + p;
+      for (int p = 0; p < kAP; ++p) {
+        const int jj = jg * kAP + p;
         if (i0 + ti < g.H && j0 + jj < g.W)
           yb[ch * HW + int64_t(i0 + ti) * g.W + (j0 + jj)] = static_cast<T>(acc[p][rc]);
       }
@@ -255,9 +300,10 @@ at::Tensor apply(const at::Tensor& A_, const at::Tensor& x_, int64_t window, boo
   const int ws = int(window);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "circatt_apply", [&] {
     using A = acc_t<scalar_t>;
-    constexpr int RC = AccumChannels<scalar_t>::value;
+    constexpr int RC = ApplyChannels<scalar_t>::value;
+    constexpr int kMaxGroups = 512 / int(sizeof(A)) / RC;  // at most 512 bytes of channels a ring column
     const int groups_needed = int((C + RC - 1) / RC);
-    const int NG = groups_needed < 32 ? groups_needed : 32;
+    const int NG = groups_needed < kMaxGroups ? groups_needed : kMaxGroups;
     const int chunks = int((C + NG * RC - 1) / (NG * RC));
     check_planes(B * G, chunks);
     auto kernel = apply_kernel<scalar_t, RC>;

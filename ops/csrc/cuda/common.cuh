@@ -17,6 +17,7 @@
 //                                 last pixel: a pixel's leading zeros are the trailing ones of the
 //                                 pixel before it; L is odd (ws is), which spreads a warp's pixels over
 //                                 the banks. A buffer (one channel part) is `part` elements.
+// The apply has its own buffer and ring strides, for 16-byte loads (apply_geom).
 #pragma once
 
 #include <algorithm>
@@ -36,6 +37,7 @@ namespace circatt {
 
 constexpr int kThreads = 256;  // block size cap; every kernel has __launch_bounds__(kThreads)
 constexpr int kRJ = 8;         // accumulate loop: consecutive pixels per thread
+constexpr int kAP = 4;         // the apply's accumulate loop: consecutive pixels per thread
 constexpr int kDJ = 4;         // dot loop: consecutive pixels per thread
 constexpr int kDC = 8;         // dot loop: consecutive window columns per thread
 
@@ -46,6 +48,9 @@ template <typename T> using acc_t = typename AccType<T>::type;
 // Channels per thread in the accumulate loop (registers: kRJ * RC accumulators).
 template <typename T> struct AccumChannels { static constexpr int value = 4; };
 template <> struct AccumChannels<double> { static constexpr int value = 2; };
+// Channels per thread in the apply's accumulate loop (kAP * RC accumulators).
+template <typename T> struct ApplyChannels { static constexpr int value = 8; };
+template <> struct ApplyChannels<double> { static constexpr int value = 4; };
 
 __host__ __device__ __forceinline__ int wrap(int x, int n) {
   x %= n;
@@ -77,14 +82,47 @@ struct Geom {
   int TI, TJ, npix;  // tile of TI x TJ pixels
   int cols;          // halo columns, TJ + ws - 1
   int nslots;        // ring rows, TI + 1
-  int rs, ps;        // ring row stride and plane stride (odd: spreads banks)
-  int L;             // buffer row length, ws + kRJ (odd)
-  int part;          // buffer length, npix * L + kRJ - 1
+  int rs, ps;        // ring row stride and plane stride (odd: spreads banks; apply: see apply_geom)
+  int L;             // buffer row length, ws + kRJ (odd; apply: see apply_geom)
+  int part;          // buffer length, npix * L + kRJ - 1 (apply: see apply_geom)
   int tiles_j;       // tiles along W
   int ndot;          // dot tiles per window row
 };
 
-// dot_reads: a dot loop reads the ring, up to 6 columns past the halo (the apply has none).
+__host__ __device__ __forceinline__ int round_up(int x, int m) { return (x + m - 1) / m * m; }
+
+// The apply's weight buffer holds one row per pixel, L elements: row p of a group of kAP pixels
+// has the window row's ws weights at offsets p .. p+ws-1 and zeros elsewhere, so that offset t
+// pairs with ring column jj0 + t for every pixel of the group. Rows and groups start on 16 bytes
+// (four elements) for vector loads; a group is apply_group_stride elements, 4 past a multiple of
+// 32, so that the groups a warp reads at once fall in distinct banks.
+__host__ __device__ __forceinline__ int apply_group_stride(const Geom& g) {
+  const int n = kAP * g.L;
+  return n + (36 - n % 32) % 32;
+}
+// Where the group of kAP pixels that holds pixel `pix` starts in the buffer (16-byte aligned).
+__host__ __device__ __forceinline__ int apply_group(const Geom& g, int pix) {
+  return pix / kAP * apply_group_stride(g);
+}
+// Where pixel `pix`'s weight for window column 0 sits in the buffer (column c: + c).
+__host__ __device__ __forceinline__ int apply_row(const Geom& g, int pix) {
+  return apply_group(g, pix) + pix % kAP * (g.L + 1);
+}
+
+// The apply's layout (vector loads, four elements at a time): rows of L = kAP + ws - 1 rounded up
+// to 4; ring rows of rs >= TJ - kAP + L elements (a thread's last load ends there; the columns past
+// the halo stay zero), plane stride ps a multiple of 4 that is TJ past a multiple of 32 when a warp
+// reads a 16-byte slice from 8 / (TJ / kAP) channels at once, so that those slices miss each other.
+inline void apply_geom(Geom& g) {
+  g.L = round_up(kAP + g.ws - 1, 4);
+  g.rs = round_up(std::max(g.cols, g.TJ - kAP + g.L), 4);
+  g.ps = round_up(g.nslots * g.rs, 4);
+  if (g.TJ < 32) g.ps += ((g.TJ - g.ps) % 32 + 32) % 32;
+  g.part = g.npix / kAP * apply_group_stride(g);
+}
+
+// dot_reads: a dot loop reads the ring, up to 6 columns past the halo; without one (the apply)
+// the ring and the buffer take the apply's layout.
 inline Geom make_geom(int H, int W, int ws, int TI, int TJ, bool dot_reads) {
   Geom g;
   g.H = H; g.W = W; g.ws = ws; g.r = (ws - 1) / 2;
@@ -97,6 +135,7 @@ inline Geom make_geom(int H, int W, int ws, int TI, int TJ, bool dot_reads) {
   g.part = g.npix * g.L + kRJ - 1;
   g.tiles_j = (W + TJ - 1) / TJ;
   g.ndot = TI * (TJ / kDJ) * ((ws + kDC - 1) / kDC);
+  if (!dot_reads) apply_geom(g);
   return g;
 }
 
@@ -469,7 +508,7 @@ struct Launch {
   Geom g;
   int threads;
   int smem;
-  int accum_threads;  // threads owning accumulators: TI * TJ/kRJ * groups
+  int accum_threads;  // threads owning accumulators: TI * TJ/kRJ * groups (the apply: TJ/kAP)
   int splits;         // channel parts of the dot loop (dot_split)
   int tiles;          // blocks per plane (grid x)
   int resident;       // blocks per multiprocessor (resident_blocks)
@@ -519,7 +558,7 @@ Launch choose_launch(int H, int W, int ws, int64_t planes, int groups, int dots,
     const int TI = cand[order][0], TJ = cand[order][1];
     if (TI > 1 && TI > H) continue;
     if (TJ > 8 && TJ / 2 >= W) continue;
-    const int acc_threads = TI * (TJ / kRJ) * groups;
+    const int acc_threads = TI * (TJ / (dots > 0 ? kRJ : kAP)) * groups;
     if (acc_threads > kThreads) continue;
     const Geom g = make_geom(H, W, ws, TI, TJ, dots > 0);
     const int tiles = (H + TI - 1) / TI * g.tiles_j;
