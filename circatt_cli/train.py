@@ -75,6 +75,10 @@ class TrainOptions:
     log_every: int = 20
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:  # the CLI says it in its own words; this guards the Python API
+            raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+
     def model_config(self) -> GroupCDLConfig:
         return self.config or GroupCDLConfig.preset(self.preset)
 

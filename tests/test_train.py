@@ -65,6 +65,11 @@ def test_balanced_loss_weighs_low_sigma_more_and_keeps_the_mse_scale():
     assert crop_loss(out, clean, torch.tensor([2.0, 4.0])).item() == pytest.approx((2 + 1) / 2)
 
 
+def test_an_unknown_loss_is_refused_by_the_options_too():
+    with pytest.raises(ValueError, match="loss must be one of mse, balanced, got 'l1'"):
+        TrainOptions(data=None, out=None, loss="l1")
+
+
 def test_a_balanced_run_resumed_from_mse_restarts_the_blowup_check(options, tmp_path):
     run(options(tmp_path / "r", stop_at=3))  # an epoch ends at step 3: best_epoch is an MSE
     assert math.isfinite(torch.load(tmp_path / "r" / "last.pt", weights_only=False)["count"]["best_epoch"])
