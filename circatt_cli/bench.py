@@ -25,7 +25,7 @@ import circatt_ops
 from circatt_ops import backends
 
 from . import __version__, tiling
-from .bench_report import print_report, write_csv, write_json, write_plot
+from .bench_report import Baseline, add_baseline, baseline_summary, print_report, read_baseline, write_csv, write_json, write_plot
 from .console import print_error
 from .denoise import bytes_per_pixel, denoiser, tile_margin
 from .devices import resolve_device
@@ -133,6 +133,8 @@ class Row:
     max_rel_err: float | None = None
     ours_speedup: float | None = None
     speedups: dict[str, float] = field(default_factory=dict)
+    baseline_ms: float | None = None  # the same row's median in the --baseline run
+    vs_baseline: float | None = None  # baseline_ms / median_ms: above 1, faster now
 
     def flat(self) -> dict:
         """The row for CSV: speed-ups as one `vs_<impl>` column each."""
@@ -649,12 +651,14 @@ def bench(
     json_path: Path = typer.Option(None, "--json", help="Write every row and the ceilings as JSON; rewritten after each group, so a run cut off keeps its rows (meta.complete says whether it finished).", dir_okay=False),
     csv_path: Path = typer.Option(None, "--csv", help="Write every row as CSV.", dir_okay=False),
     plot_path: Path = typer.Option(None, "--plot", help="Write a log-log PNG of time against image size.", dir_okay=False),
+    baseline_path: Path = typer.Option(None, "--baseline", help="A previous run's --json (another build, say): each row it also timed (same shape, op, pass, dtype and implementation) shows its time there over ours now.", dir_okay=False),
 ) -> None:
     """Time the circulant attention ops, the peers and the denoiser; tables, JSON, CSV and a plot."""
     if plot_path is not None and plot_path.suffix.lower() != ".png":
         raise typer.BadParameter("the plot is a PNG; give a path ending in .png", param_hint="--plot")
     for option, path in (("--json", json_path), ("--csv", csv_path), ("--plot", plot_path)):
         check_result_file(path, option)  # now, not after an hour of timing
+    baseline = _baseline(baseline_path)
     settings = _settings(
         device=device, ops=ops, shapes=shapes, sizes=sizes, windows=windows, dtype=dtype, modes=modes, impls=impls,
         model_sizes=model_sizes, repeat=repeat, warmup=warmup, seed=seed, quick=quick,
@@ -674,6 +678,8 @@ def bench(
             "seconds": round(time.perf_counter() - started, 2), "tf32": torch.backends.cuda.matmul.allow_tf32,
             "complete": complete, "settings": {k: str(v) for k, v in asdict(settings).items()},
         }
+        if baseline is not None:
+            add_baseline(rows, baseline)
         try:
             if json_path:
                 write_json(json_path, meta, ceilings, rows)
@@ -684,8 +690,10 @@ def bench(
             raise typer.Exit(1) from None
 
     rows, ceilings = run_bench(settings, console, save)
-    print_report(rows, ceilings, name, console)
     save(rows, ceilings, complete=True)
+    print_report(rows, ceilings, name, console)
+    if baseline is not None:
+        console.print(baseline_summary(rows, baseline, name, "cuda" if settings.device.type == "cuda" else "cpu"), highlight=False)
     if plot_path:
         try:
             write_plot(plot_path, rows, name)
@@ -698,6 +706,16 @@ def bench(
     console.print(f"{len(rows)} rows in {seconds:.0f} s" + (f"; [bold red]{len(failed)} WRONG or failed[/]" if failed else ""))
     if failed:
         raise typer.Exit(1)
+
+
+def _baseline(path: Path | None) -> Baseline | None:
+    """The --baseline file read before any timing; a usage error naming the option if it is not a bench JSON."""
+    if path is None:
+        return None
+    try:
+        return read_baseline(path)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--baseline") from None
 
 
 def register(app: typer.Typer) -> None:

@@ -7,7 +7,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
@@ -19,6 +19,64 @@ from .console import escape
 if TYPE_CHECKING:
     from .bench import Row
     from .timing import Ceilings
+
+
+# What identifies a row across runs: the same measurement of the same implementation.
+ROW_KEY = ("section", "case", "shape", "op", "mode", "dtype", "impl")
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """A previous run's --json: where and when it ran, and the median of each row it timed."""
+
+    path: Path
+    device: str
+    date: str
+    medians: dict[tuple[str, ...], float]
+
+
+def read_baseline(path: Path) -> Baseline:
+    """Reads a `circatt bench --json` file; ValueError with a one-line reason for anything else."""
+    try:
+        doc = json.loads(path.read_text())
+    except OSError as err:
+        raise ValueError(f"cannot read {path} ({err.strerror})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ValueError(f"{path} is not JSON") from None
+    rows = doc.get("rows") if isinstance(doc, dict) else None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and set(ROW_KEY) <= r.keys() for r in rows):
+        raise ValueError(f"{path} is not the JSON of `circatt bench --json` (no rows of results)")
+    medians = {}
+    for r in rows:
+        median = r.get("median_ms")
+        if isinstance(median, (int, float)) and median > 0:
+            medians[tuple(str(r[k]) for k in ROW_KEY)] = float(median)
+    meta = doc.get("meta") if isinstance(doc.get("meta"), dict) else {}
+    return Baseline(path, str(meta.get("device", "an unknown device")), str(meta.get("date", "an unknown date")), medians)
+
+
+def add_baseline(rows: Sequence[Row], baseline: Baseline) -> None:
+    """Each timed row that the baseline timed too gets its median there and the ratio (above 1: faster now)."""
+    for r in rows:
+        before = baseline.medians.get(tuple(str(getattr(r, k)) for k in ROW_KEY))
+        if before is not None and r.median_ms:
+            r.baseline_ms, r.vs_baseline = before, before / r.median_ms
+
+
+def baseline_summary(rows: Sequence[Row], baseline: Baseline, device_name: str, ours: str) -> str:
+    """One line: how many rows matched, and our rows' geometric-mean ratio with its range."""
+    where = escape(f"against {baseline.path} ({baseline.device}, {baseline.date})")
+    if baseline.device != device_name:
+        where += f" [yellow](another device than this run's {escape(device_name)})[/]"
+    matched = [r for r in rows if r.vs_baseline is not None]
+    if not matched:
+        return f"{where}: no row of this run was timed there"
+    line = f"{where}: {len(matched)} of {len(rows)} rows matched"
+    ratios = [r.vs_baseline for r in matched if r.impl == ours]
+    if ratios:
+        mean = math.exp(sum(map(math.log, ratios)) / len(ratios))
+        line += f"; ours ({ours}) {mean:.3g}x as fast as there (geometric mean of {len(ratios)}, {min(ratios):.3g}-{max(ratios):.3g}x)"
+    return line
 
 
 def _fmt(x: float | None, spec: str, unit: str = "") -> str:
@@ -41,10 +99,11 @@ _STATUS_STYLE = {"ok": "green", "WRONG": "bold red", "error": "red", "skipped": 
 
 def _table(title: str, rows: Sequence[Row]) -> Table:
     table = Table(title=title, title_justify="left", header_style="bold")
+    compared = any(r.vs_baseline is not None for r in rows)  # the --baseline column only where it says something
     for name, justify in [
         ("op", "left"), ("pass", "left"), ("impl", "left"), ("status", "left"), ("median ms", "right"),
         ("min-max ms", "right"), ("TFLOP/s", "right"), ("GB/s", "right"), ("x floor", "right"),
-        ("peak MiB", "right"), ("ours x", "right"), ("note", "left"),
+        ("peak MiB", "right"), ("ours x", "right"), *([("vs base", "right")] if compared else []), ("note", "left"),
     ]:
         table.add_column(name, justify=justify, overflow="fold")
     for r in rows:
@@ -58,6 +117,7 @@ def _table(title: str, rows: Sequence[Row]) -> Table:
             _fmt(r.x_floor, ".3g"),
             _fmt(r.peak_mem_mb, ".4g"),
             _fmt(r.ours_speedup, ".3g", "x"),
+            *([_fmt(r.vs_baseline, ".3g", "x")] if compared else []),
             escape(r.note),  # may quote an exception's message
         )
     return table

@@ -144,6 +144,42 @@ def test_bad_options_are_usage_errors(args, message):
     assert "Traceback" not in result.output
 
 
+def test_a_baseline_run_shows_each_row_against_the_same_row_there(report, tmp_path):
+    """--baseline: a row timed in both runs gets the baseline's median and the ratio; a row the
+    baseline lacks gets neither; one summary line says how many matched."""
+    base = report[1]
+    dropped = next(r for r in base["rows"] if r["impl"] == "cpu" and r["median_ms"])
+    base["rows"] = [r for r in base["rows"] if r is not dropped]
+    (tmp_path / "base.json").write_text(json.dumps(base))
+    args = ["bench", "--device", "cpu", *TINY, "--baseline", str(tmp_path / "base.json"), "--json", str(tmp_path / "now.json")]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    assert "vs base" in result.output and "rows matched; ours (cpu)" in result.output
+    def key(r: dict) -> tuple:
+        return tuple(r[k] for k in ("section", "case", "shape", "op", "mode", "dtype", "impl"))
+
+    before = {key(r): r["median_ms"] for r in base["rows"] if r["median_ms"]}
+    rows = json.loads((tmp_path / "now.json").read_text())["rows"]
+    compared = [r for r in rows if r["vs_baseline"] is not None]
+    assert compared
+    for r in compared:
+        assert r["baseline_ms"] == before[key(r)] and r["vs_baseline"] == pytest.approx(r["baseline_ms"] / r["median_ms"])
+    assert [r["vs_baseline"] for r in rows if key(r) == key(dropped)] == [None]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(None, "cannot read"), ("{not json", "is not JSON"), ('{"meta": {}}', "is not the JSON of `circatt bench")],
+)
+def test_a_baseline_that_is_not_a_bench_json_is_a_usage_error(tmp_path, content, message):
+    path = tmp_path / "base.json"
+    if content is not None:
+        path.write_text(content)
+    result = CliRunner().invoke(app, ["bench", "--device", "cpu", *TINY, "--baseline", str(path)], env={"COLUMNS": "200"})
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
 def test_cuda_absent_is_an_error_not_a_fallback():
     result = CliRunner().invoke(app, ["bench", "--device", "cuda"])
