@@ -2,6 +2,8 @@
 # On a GPU machine: build the CUDA kernels for the present GPU, run the CUDA tests (fresh random inputs,
 # outputs poisoned with NaN, gradcheck), then time the issue shapes against the peers with circatt bench.
 # Logs and the bench's JSON/CSV go to $OUT (the device tool's folder) or /tmp/circatt_gpu_check.
+# Environment: SHAPES, OPS, DTYPES, REPEAT, TEST_TIMEOUT, BENCH_TIMEOUT, and BASELINE (an earlier run's
+# bench.json, e.g. from docs/results/: each row is also shown against the same row there).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-/tmp/circatt_gpu_check}"
@@ -22,5 +24,6 @@ timeout "${TEST_TIMEOUT:-300}" python3 -X faulthandler -m pytest -q -rfE -p no:c
     tests/test_cuda.py tests/test_bccb.py 2>&1 | tee "$out/cuda_tests.log" || status=1
 timeout "${BENCH_TIMEOUT:-400}" circatt bench --device cuda --shapes "${SHAPES:-train,S1,S2}" \
     --ops "${OPS:-similarity,adjacency,apply,attention,step}" --dtype "${DTYPES:-float32,bfloat16}" \
-    --repeat "${REPEAT:-20}" --json "$out/bench.json" --csv "$out/bench.csv" 2>&1 | tee "$out/bench.log" || status=1
+    --repeat "${REPEAT:-20}" --json "$out/bench.json" --csv "$out/bench.csv" ${BASELINE:+--baseline "$BASELINE"} \
+    2>&1 | tee "$out/bench.log" || status=1
 exit $status
