@@ -64,7 +64,7 @@ def add_baseline(rows: Sequence[Row], baseline: Baseline) -> None:
 
 
 def baseline_summary(rows: Sequence[Row], baseline: Baseline, device_name: str, ours: str) -> str:
-    """One line: how many rows matched, and our rows' geometric-mean ratio with its range."""
+    """One line: how many rows matched, and our rows' (ops and denoiser) geometric-mean ratio with its range."""
     where = escape(f"against {baseline.path} ({baseline.device}, {baseline.date})")
     if baseline.device != device_name:
         where += f" [yellow](another device than this run's {escape(device_name)})[/]"
@@ -72,10 +72,10 @@ def baseline_summary(rows: Sequence[Row], baseline: Baseline, device_name: str, 
     if not matched:
         return f"{where}: no row of this run was timed there"
     line = f"{where}: {len(matched)} of {len(rows)} rows matched"
-    ratios = [r.vs_baseline for r in matched if r.impl == ours]
+    ratios = [r.vs_baseline for r in matched if r.impl == ours or r.section == "model"]
     if ratios:
         mean = math.exp(sum(map(math.log, ratios)) / len(ratios))
-        line += f"; ours ({ours}) {mean:.3g}x as fast as there (geometric mean of {len(ratios)}, {min(ratios):.3g}-{max(ratios):.3g}x)"
+        line += f"; ours {mean:.3g}x as fast as there (geometric mean of {len(ratios)}, {min(ratios):.3g}-{max(ratios):.3g}x)"
     return line
 
 
