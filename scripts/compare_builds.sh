@@ -18,6 +18,8 @@ out=${OUT:-/tmp/circatt_compare}
 device=${DEVICE:-cuda}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+# The GPU image has every dependency but circatt itself.
+command -v circatt > /dev/null || python3 -m pip install --quiet --no-deps --no-build-isolation -e .
 
 # The old package is imported first on the path, as circatt_ops, with its own kernel cache.
 shim=$(mktemp -d)
