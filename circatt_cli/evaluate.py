@@ -22,6 +22,7 @@ from torch import Tensor
 from .console import escape, make_console, print_error, print_note
 from .data import to_uint8
 from .devices import resolve_device
+from .ensemble import self_ensemble
 from .imageio import ImageError, quantize, read_image
 from .metrics import psnr, ssim
 from .model import DEFAULT_PRESET, PRESETS, GroupCDL
@@ -57,11 +58,16 @@ def _from_uint8(array: np.ndarray) -> Tensor:
 
 
 @torch.no_grad()
-def run_model(model: GroupCDL, noisy: Tensor, sigma: float) -> Tensor:
-    """The model's output for one noisy image (sigma on the 0-255 scale), clipped to [0, 1], on the CPU."""
+def run_model(model: GroupCDL, noisy: Tensor, sigma: float, ensemble: bool = False) -> Tensor:
+    """The model's output for one noisy image (sigma on the 0-255 scale), clipped to [0, 1], on the CPU;
+    with `ensemble`, the mean over the image's 8 flips and quarter-turns (clipped after averaging)."""
     device = next(model.parameters()).device
-    out = model(noisy.to(device), torch.tensor([sigma / 255.0], device=device))
-    return out.clamp(0.0, 1.0).cpu()
+    s = torch.tensor([sigma / 255.0], device=device)
+
+    def run(x: Tensor) -> Tensor:
+        return model(x, s)
+
+    return (self_ensemble(run) if ensemble else run)(noisy.to(device)).clamp(0.0, 1.0).cpu()
 
 
 def nlm(noisy: Tensor, sigma: float) -> Tensor:
@@ -105,10 +111,11 @@ def available_peers(names: list[str]) -> tuple[dict[str, Callable[[Tensor, float
 
 
 def evaluate_image(
-    model: GroupCDL, clean: Tensor, dataset: str, name: str, sigma: float, estimate: bool, peers: dict
+    model: GroupCDL, clean: Tensor, dataset: str, name: str, sigma: float, estimate: bool, peers: dict,
+    ensemble: bool = False,
 ) -> Iterator[Result]:
-    """Score the model (true sigma; and estimated sigma when asked) and each peer on one noisy image, whose
-    noise is seeded by the file name and sigma."""
+    """Score the model (true sigma; estimated sigma and the x8 self-ensemble when asked) and each peer on
+    one noisy image, whose noise is seeded by the file name and sigma."""
     noisy = add_noise(clean, name, sigma)
 
     def score(method: str, out: Tensor, used: float) -> Result:
@@ -118,6 +125,8 @@ def evaluate_image(
     if estimate:
         guess = float(estimate_sigma(noisy)) * 255.0
         yield score("groupcdl-est", run_model(model, noisy, guess), guess)
+    if ensemble:
+        yield score("groupcdl-x8", run_model(model, noisy, sigma, ensemble=True), sigma)
     for peer, fn in peers.items():
         yield score(peer, fn(noisy, sigma), sigma)
 
@@ -223,6 +232,7 @@ def run_eval(
     limit: int | None = None,
     console: Console | None = None,
     on_error: Callable[[str], None] | None = None,
+    ensemble: bool = False,
 ) -> list[Result]:
     """Evaluate on every (folder, image, sigma) with a rich progress bar; returns the per-image results.
 
@@ -243,7 +253,7 @@ def run_eval(
                 continue
             for sigma in sigmas:
                 bar.update(task, description=f"{dataset}/{path.name} sigma {sigma:g}")
-                results.extend(evaluate_image(model, clean, dataset, path.name, sigma, estimate, peers or {}))
+                results.extend(evaluate_image(model, clean, dataset, path.name, sigma, estimate, peers or {}, ensemble))
                 bar.advance(task)
     return results
 
@@ -253,6 +263,7 @@ def eval_command(
     data: list[Path] = typer.Option(..., "--data", help="A folder of clean images; repeat --data for more."),
     sigma: list[str] = typer.Option(["15,25,50"], "--sigma", help="Noise levels on the 0-255 scale: repeat, or 15,25,50."),
     estimate_sigma_: bool = typer.Option(False, "--estimate-sigma", help="Also run with the estimated sigma (MAD)."),
+    ensemble: bool = typer.Option(False, "--ensemble", help="Also run the x8 self-ensemble (the 8 flips and quarter-turns, averaged; true sigma): the groupcdl-x8 column."),
     peers: str = typer.Option("", "--peers", help="Comma-separated classical peers: nlm, bm3d."),
     json_path: Path | None = typer.Option(None, "--json", help="Write every result and the means as JSON."),
     csv_path: Path | None = typer.Option(None, "--csv", help="Write the per-image results as CSV."),
@@ -281,7 +292,7 @@ def eval_command(
         print_error(console, err)
         raise typer.Exit(2) from None
     errors: list[str] = []
-    results = run_eval(net, data, sigmas, estimate_sigma_, peer_fns, limit, on_error=errors.append)
+    results = run_eval(net, data, sigmas, estimate_sigma_, peer_fns, limit, on_error=errors.append, ensemble=ensemble)
     if per_image:
         console.print(render_images(results))
     console.print(render_means(results, f"circatt eval -- model {model}"))
