@@ -8,6 +8,7 @@ random images (sigma 25) and save the outputs, or compare them with a saved run 
 from __future__ import annotations
 
 import argparse
+import pickle
 import sys
 from pathlib import Path
 
@@ -42,10 +43,11 @@ def main() -> None:
     if args.action == "compare":
         try:
             saved = torch.load(args.file)
-        except (OSError, RuntimeError) as err:
-            parser.error(f"cannot read {args.file}: {err}")
-        if saved["sizes"] != sizes:
-            parser.error(f"{args.file} holds sizes {saved['sizes']}, this run {sizes}")
+            saved_sizes = saved["sizes"]
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, KeyError, TypeError) as err:
+            parser.error(f"cannot read {args.file} as `model_diff.py save` output ({type(err).__name__})")
+        if saved_sizes != sizes:
+            parser.error(f"{args.file} holds sizes {saved_sizes}, this run {sizes}")
     try:
         now = outputs(torch.device(args.device), sizes)
     except WeightsError as err:

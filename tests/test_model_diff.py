@@ -40,3 +40,10 @@ def test_sizes_that_differ_from_the_saved_run_are_refused(tmp_path, monkeypatch,
     torch.save({"sizes": {"gray": "512x512", "color": "1080x1920"}, "outputs": {}}, saved)
     code, out = run_script(monkeypatch, capsys, "compare", saved, "--device", "cpu", "--small")
     assert code == 2 and "holds sizes" in out
+
+
+def test_a_file_that_is_not_a_saved_run_is_one_line(tmp_path, monkeypatch, capsys):
+    bad = tmp_path / "old.pt"
+    bad.write_bytes(b"not a torch file")
+    code, out = run_script(monkeypatch, capsys, "compare", bad, "--device", "cpu", "--small")
+    assert code == 2 and "cannot read" in out and "Traceback" not in out
