@@ -54,20 +54,34 @@ def augment(crop: Tensor, code: int) -> Tensor:
     return torch.rot90(crop, code & 3, dims=(-2, -1))
 
 
+def sigma_quantile(u: Tensor, lo: float, hi: float, low_share: float = 0.5) -> Tensor:
+    """Sigmas for uniform draws u in [0, 1): uniform on each half of [lo, hi], with `low_share` of them in the
+    lower half (0.5: uniform on the whole range), so that training can dwell on the low noise levels."""
+    if low_share == 0.5:  # the plain formula, so that runs from before the option draw the same sigmas
+        return lo + (hi - lo) * u
+    mid = (lo + hi) / 2
+    low = lo + (mid - lo) * (u / low_share)
+    high = mid + (hi - mid) * ((u - low_share) / (1.0 - low_share))
+    return torch.where(u < low_share, low, high)
+
+
 class CropSampler:
     """Draws batches of (noisy, clean, sigma) crops from in-memory uint8 images.
 
-    Sigma is uniform in [sigma_min, sigma_max] on the [0, 1] scale, the noise is fresh every sample,
-    and the generator's state is the whole sampler state (`state_dict` / `load_state_dict`).
+    Sigma is drawn in [sigma_min, sigma_max] on the [0, 1] scale by `sigma_quantile`, the noise is fresh
+    every sample, and the generator's state is the whole sampler state (`state_dict` / `load_state_dict`).
     """
 
-    def __init__(self, images: list[Tensor], crop: int, sigma_range: tuple[float, float], seed: int) -> None:
+    def __init__(
+        self, images: list[Tensor], crop: int, sigma_range: tuple[float, float], seed: int, low_share: float = 0.5
+    ) -> None:
         small = [tuple(img.shape[-2:]) for img in images if min(img.shape[-2:]) < crop]
         if small:
             raise DataError(f"crop {crop} is larger than {len(small)} image(s), e.g. one of size {small[0]}; use a smaller --crop")
         self.images = images
         self.crop = crop
         self.sigma_range = sigma_range
+        self.low_share = low_share
         self.generator = torch.Generator().manual_seed(seed)
 
     def _randint(self, high: int) -> int:
@@ -83,7 +97,7 @@ class CropSampler:
         """noisy (B, C, crop, crop) float32, clean likewise, sigma (B,) -- all on the CPU."""
         clean = torch.stack([self._crop() for _ in range(size)]).float().div_(255.0)
         lo, hi = self.sigma_range
-        sigma = lo + (hi - lo) * torch.rand(size, generator=self.generator)
+        sigma = sigma_quantile(torch.rand(size, generator=self.generator), lo, hi, self.low_share)
         noise = torch.randn(clean.shape, generator=self.generator) * sigma[:, None, None, None]
         return clean + noise, clean, sigma
 

@@ -58,6 +58,7 @@ class TrainOptions:
     crop: int = 128
     sigma_min: float = 0.0
     sigma_max: float = 55.0
+    sigma_low_share: float = 0.5
     loss: str = "mse"
     lr: float = 5e-4
     lr_min: float = 2e-6
@@ -78,6 +79,8 @@ class TrainOptions:
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:  # the CLI says it in its own words; this guards the Python API
             raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if not 0.0 < self.sigma_low_share < 1.0:
+            raise ValueError(f"sigma_low_share must be in (0, 1), got {self.sigma_low_share}")
 
     def model_config(self) -> GroupCDLConfig:
         return self.config or GroupCDLConfig.preset(self.preset)
@@ -121,12 +124,33 @@ def learning_rate(step: int, opts: TrainOptions) -> float:
 
 def loss_weights(sigma: torch.Tensor, opts: TrainOptions) -> torch.Tensor | None:
     """Per-crop weights of the loss (None for plain MSE); "balanced" is 1 / (sigma + offset) scaled to
-    mean 1 over the uniform training range, so that the loss keeps the scale of the MSE."""
+    mean 1 over the training sigmas (each half of the range weighted by its share of the crops), so that
+    the loss keeps the scale of the MSE."""
     if opts.loss == "mse":
         return None
     lo, hi = opts.sigma_min / 255.0 + BALANCE_OFFSET, opts.sigma_max / 255.0 + BALANCE_OFFSET
-    mean = math.log(hi / lo) / (hi - lo) if hi > lo else 1.0 / lo
+    mid, share = (lo + hi) / 2, opts.sigma_low_share
+    mean = share * _mean_inverse(lo, mid) + (1.0 - share) * _mean_inverse(mid, hi)
     return 1.0 / (mean * (sigma + BALANCE_OFFSET))
+
+
+def _mean_inverse(lo: float, hi: float) -> float:
+    """The mean of 1 / s for s uniform on [lo, hi] (lo > 0)."""
+    return math.log(hi / lo) / (hi - lo) if hi > lo else 1.0 / lo
+
+
+# What sets the scale of the epoch losses, and its value in checkpoints from before the option existed.
+OBJECTIVE = {"loss": "mse", "sigma_min": None, "sigma_max": None, "sigma_low_share": "0.5"}
+
+
+def _objective_changes(saved: dict, opts: TrainOptions) -> list[str]:
+    """'name old -> new' for each option of OBJECTIVE that differs from the saved run's (saved as strings)."""
+    changes = []
+    for name, default in OBJECTIVE.items():
+        old, new = saved.get(name, default), str(getattr(opts, name))
+        if old is not None and old != new:
+            changes.append(f"{name.replace('_', '-')} {old} -> {new}")
+    return changes
 
 
 def crop_loss(out: torch.Tensor, clean: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
@@ -224,7 +248,7 @@ class Trainer:
         images = load_images(opts.data, self.model.config.channels)
         sigmas = (opts.sigma_min / 255.0, opts.sigma_max / 255.0)
         self.seed = opts.seed * 1000 + ctx.rank
-        self.sampler = CropSampler(images, opts.crop, sigmas, seed=self.seed)
+        self.sampler = CropSampler(images, opts.crop, sigmas, seed=self.seed, low_share=opts.sigma_low_share)
         self.count = Counters()
         self.anchor = self.capture()
 
@@ -277,11 +301,11 @@ class Trainer:
             print_note(self.console, f"world size {state['world']} -> {self.ctx.world}: data streams reseeded")
         self.restore(state, state["samplers"][self.ctx.rank] if same_world else None)
         set_rng_states(state["rng"])
-        saved_loss = state["options"].get("loss", "mse")  # checkpoints from before --loss trained with MSE
-        if saved_loss != self.opts.loss:  # the blow-up check compares like with like
+        changed = _objective_changes(state["options"], self.opts)
+        if changed:  # the blow-up check compares like with like
             self.count.best_epoch = math.inf
             if self.ctx.main:
-                print_note(self.console, f"loss {saved_loss} -> {self.opts.loss}: best epoch reset")
+                print_note(self.console, f"{', '.join(changed)}: best epoch reset")
         self.anchor = self.capture()
 
     # ----- one step -----------------------------------------------------------------------------
@@ -517,6 +541,7 @@ def train_command(
     crop: int = typer.Option(128, "--crop", min=2, help="Crop side in pixels."),
     sigma_min: float = typer.Option(0.0, "--sigma-min", min=0.0, help="Lowest training noise level (0-255)."),
     sigma_max: float = typer.Option(55.0, "--sigma-max", min=0.0, help="Highest training noise level (0-255)."),
+    sigma_low_share: float = typer.Option(0.5, "--sigma-low-share", help="Share of the crops whose sigma lies in the lower half of the range, each half uniform (0.5: uniform)."),
     loss: str = typer.Option("mse", "--loss", help=f"mse (the authors'), or balanced: each crop's MSE / (sigma + {BALANCE_OFFSET * 255:g}/255), so the low noise levels weigh as much in dB as the high."),
     lr: float = typer.Option(5e-4, "--lr", min=0.0, help="Peak learning rate."),
     hold: float = typer.Option(0.67, "--hold", min=0.0, max=1.0, help="Fraction of steps at the peak lr before the decay."),
@@ -542,11 +567,13 @@ def train_command(
         check_image_folders([val_dir], "--val-dir")
     if sigma_max < sigma_min:
         raise typer.BadParameter("--sigma-max must be >= --sigma-min", param_hint="--sigma-max")
+    if not 0.0 < sigma_low_share < 1.0:
+        raise typer.BadParameter(f"{sigma_low_share:g} is not a share: give a number between 0 and 1 (exclusive)", param_hint="--sigma-low-share")
     if loss not in LOSSES:
         raise typer.BadParameter(f"{loss!r} is not a loss; choose {' or '.join(LOSSES)}", param_hint="--loss")
     opts = TrainOptions(
         data=data, out=out, preset=preset, steps=steps, batch=batch, crop=crop, sigma_min=sigma_min,
-        sigma_max=sigma_max, loss=loss, lr=lr, hold=hold, seed=seed, resume=resume, device=device, val_dir=val_dir,
+        sigma_max=sigma_max, sigma_low_share=sigma_low_share, loss=loss, lr=lr, hold=hold, seed=seed, resume=resume, device=device, val_dir=val_dir,
         checkpoint_minutes=checkpoint_minutes, max_minutes=max_minutes, stop_at=stop_at, log_every=log_every,
     )
     console = make_console()

@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from circatt_cli.app import app
-from circatt_cli.data import CropSampler, augment, load_images
+from circatt_cli.data import CropSampler, augment, load_images, sigma_quantile
 from circatt_cli.train import Dist, StopSignal, Trainer, TrainOptions, crop_loss, learning_rate, loss_weights, run
 from synthetic import smooth_images
 
@@ -45,6 +45,16 @@ def test_sampler_and_augment(images):
     assert len({tuple(augment(x, c).flatten().tolist()) for c in range(8)}) == 8
 
 
+def test_sigma_law_puts_its_share_in_the_lower_half():
+    u = (torch.arange(100000, dtype=torch.float64) + 0.5) / 100000
+    assert torch.equal(sigma_quantile(u, 0.0, 0.2), 0.2 * u)  # 0.5: the uniform law, as before the option
+    s = sigma_quantile(u, 0.0, 0.2, low_share=0.75)
+    assert (s[1:] > s[:-1]).all() and 0 < s.min() and s.max() < 0.2  # increasing, no jump past mid
+    assert (s < 0.1).double().mean().item() == pytest.approx(0.75, abs=1e-4)
+    assert (s < 0.05).double().mean().item() == pytest.approx(0.375, abs=1e-4)  # uniform inside each half
+    assert (s > 0.15).double().mean().item() == pytest.approx(0.125, abs=1e-4)
+
+
 def test_schedule():
     opts = TrainOptions(data=None, out=None, steps=100, lr=1e-3, lr_min=1e-5, hold=0.5)
     assert learning_rate(0, opts) == learning_rate(49, opts) == 1e-3
@@ -63,11 +73,16 @@ def test_balanced_loss_weighs_low_sigma_more_and_keeps_the_mse_scale():
     out[1] = 0.5  # crop MSEs 1 and 0.25
     assert crop_loss(out, clean, None).item() == pytest.approx(0.625)
     assert crop_loss(out, clean, torch.tensor([2.0, 4.0])).item() == pytest.approx((2 + 1) / 2)
+    low = TrainOptions(data=None, out=None, sigma_max=55.0, loss="balanced", sigma_low_share=0.8)
+    u = (torch.arange(100000, dtype=torch.float64) + 0.5) / 100000
+    assert loss_weights(sigma_quantile(u, 0.0, 55 / 255, 0.8), low).mean().item() == pytest.approx(1.0, rel=1e-4)
 
 
 def test_an_unknown_loss_is_refused_by_the_options_too():
     with pytest.raises(ValueError, match="loss must be one of mse, balanced, got 'l1'"):
         TrainOptions(data=None, out=None, loss="l1")
+    with pytest.raises(ValueError, match="sigma_low_share must be in"):
+        TrainOptions(data=None, out=None, sigma_low_share=1.0)
 
 
 def test_a_balanced_run_resumed_from_mse_restarts_the_blowup_check(options, tmp_path):
@@ -77,6 +92,10 @@ def test_a_balanced_run_resumed_from_mse_restarts_the_blowup_check(options, tmp_
     state = torch.load(tmp_path / "r" / "last.pt", weights_only=False)
     assert summary["step"] == 5 and state["options"]["loss"] == "balanced"
     assert state["count"]["best_epoch"] == math.inf
+    run(options(tmp_path / "r", resume=True, loss="balanced", stop_at=6))  # an epoch ends at step 6
+    assert math.isfinite(torch.load(tmp_path / "r" / "last.pt", weights_only=False)["count"]["best_epoch"])
+    run(options(tmp_path / "r", resume=True, loss="balanced", sigma_low_share=0.75, steps=7))
+    assert torch.load(tmp_path / "r" / "last.pt", weights_only=False)["count"]["best_epoch"] == math.inf
 
 
 def test_resume_is_bit_identical(options, tmp_path):
@@ -156,6 +175,8 @@ def test_user_errors_are_one_line(tmp_path):
     assert code == 2 and "not a preset" in out
     code, out = invoke(["train", str(tmp_path), "--out", str(tmp_path / "r"), "--loss", "l7"])
     assert code == 2 and "not a loss" in out
+    code, out = invoke(["train", str(tmp_path), "--out", str(tmp_path / "r"), "--sigma-low-share", "1"])
+    assert code == 2 and "not a share" in out and "Traceback" not in out
 
 
 def test_bad_data_is_one_line_and_leaves_no_run_folder(images, tmp_path):
