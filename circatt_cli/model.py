@@ -242,7 +242,7 @@ class GroupCDL(nn.Module):
             if k % c.update_period == 0:
                 update += 1
                 G_new, theta, phi = self._adjacency(r, sigma, update, window)
-                G = G + self.gamma * (G_new - G)
+                G = G.lerp(G_new, self.gamma)  # G + gamma (G_new - G), one pass
             z = self._threshold(r, G, sigma, k - 1)
         return z, G, theta, phi
 

@@ -195,6 +195,12 @@ class Circulant:
     def __truediv__(self, factor: object) -> Circulant:
         return self._like(self._values / self._factor(factor), "matrix")
 
+    def lerp(self, end: Circulant, weight: object) -> Circulant:
+        """self + weight * (end - self) in one pass over the values (torch.lerp), for blends such as
+        GroupCDL's G + gamma (G_new - G); weight is a factor as for `*`."""
+        self._check_same_pattern(end)
+        return self._like(torch.lerp(self._values, end._values, self._factor(weight)), "matrix")
+
     def sum(self, dim: str) -> torch.Tensor | Circulant:
         """Sum over 'rows' (each row's entries -> (B, heads, H, W)), 'columns' (-> (B, heads, H, W)),
         'heads' or 'batch' (-> a Circulant with that dimension kept as size 1)."""

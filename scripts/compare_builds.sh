@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Two builds of the kernels side by side in one call: scripts/compare_builds.sh OLD
 #
-# OLD is a folder holding an earlier `ops/` tree, made where git is (the GPU machine gets the working
-# tree without .git):  mkdir -p OLD && git archive REF ops | tar -x -C OLD   (untracked, so it travels
-# with the tree; delete it afterwards). Builds both (each its own kernel cache), runs the CUDA tests on
+# OLD is a folder holding an earlier `ops/` tree, and optionally `circatt_cli/` (to time a change to the
+# model's code too), made where git is (the GPU machine gets the working tree without .git):
+#   mkdir -p OLD && git archive REF ops circatt_cli | tar -x -C OLD
+# (untracked, so it travels with the tree; delete it afterwards). Builds both (each its own kernel cache), runs the CUDA tests on
 # this tree, times the old build, then this one with --baseline (so every row shows old / new), and
 # checks that the denoiser's output moved by at most 1e-4 (scripts/model_diff.py).
 # Environment: DEVICE (cuda), SHAPES (train,S1,S2), OPS (similarity,adjacency,apply,attention), DTYPES
@@ -24,6 +25,7 @@ command -v circatt > /dev/null || python3 -m pip install --quiet --no-deps --no-
 # The old package is imported first on the path, as circatt_ops, with its own kernel cache.
 shim=$(mktemp -d)
 ln -s "$(cd "$old" && pwd)/ops" "$shim/circatt_ops"
+if [ -d "$old/circatt_cli" ]; then ln -s "$(cd "$old" && pwd)/circatt_cli" "$shim/circatt_cli"; fi
 old_env=(env "PYTHONPATH=$shim${PYTHONPATH:+:$PYTHONPATH}" "CIRCATT_CACHE=${TMPDIR:-/tmp}/circatt_cache_old")
 load='import torch, circatt_ops as ca; x = torch.randn(1, 8, 16, 16, device="'$device'"); ca.adjacency(x, x, 3).apply(x); print("built", ca.__file__)'
 start=$(date +%s)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Nsight Compute profile of the CUDA kernels at one shape (docs/kernels.md, open problems 2-3):
-#     scripts/profile_kernels.sh [train|S1|S2]
+#     scripts/profile_kernels.sh [train|S1|S2]     (KERNELS: a regex of kernel names, default all of ours)
 # On the GPU machine (Firecracker runtime: ncu reads the counters there). Profiles one call of each
 # entry point (similarity, apply, apply transposed, fused forward, fused backward) after a warm-up,
 # bracketing the profiled round with cudaProfilerStart/Stop so that the backward's launches from
@@ -38,7 +38,7 @@ for i in range(2):  # round 0: warm-up (and the build); round 1: profiled, backw
     torch.cuda.synchronize()
 torch.cuda.profiler.stop()
 PY
-ncu --clock-control none --kernel-name-base demangled --kernel-name regex:circatt:: --profile-from-start off \
+ncu --clock-control none --kernel-name-base demangled --kernel-name "regex:${KERNELS:-circatt::}" --profile-from-start off \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
     --section SchedulerStats --section WarpStateStats --section ComputeWorkloadAnalysis \
     -o "$out/profile-$shape" -f python3 /tmp/circatt_profile_calls.py $args

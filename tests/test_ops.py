@@ -141,7 +141,7 @@ def test_gradcheck_arithmetic_and_sums(backend):
     def f(q, k, x, gamma):
         G = ca.adjacency(q, k, 3, kind="distance", backend=backend)
         N = ca.adjacency(k, q, 3, backend=backend)
-        B = G + gamma * (N - G) - 0.5 * G
+        B = G + gamma * (N - G) - 0.5 * G.lerp(N, gamma)
         return B.apply(x, backend=backend), B.sum("rows"), B.sum("columns"), B.sum("batch").flat_values
 
     assert gradcheck(f, (q, k, x, gamma), fast_mode=True)
@@ -177,6 +177,10 @@ def test_circulant_arithmetic_matches_dense():
     torch.testing.assert_close((A - B).to_dense(), A.to_dense() - B.to_dense())
     torch.testing.assert_close((2.5 * A).to_dense(), 2.5 * A.to_dense())
     torch.testing.assert_close((A * f).to_dense(), A.to_dense() * f[:, :, None, None])
+    torch.testing.assert_close(A.lerp(B, 0.8).to_dense(), A.to_dense() + 0.8 * (B.to_dense() - A.to_dense()))
+    torch.testing.assert_close(A.lerp(B, f).to_dense(), A.to_dense() + f[:, :, None, None] * (B.to_dense() - A.to_dense()))
+    with pytest.raises(ValueError, match="differ in pattern"):
+        A.lerp(_circulant(window=5), 0.5)
     torch.testing.assert_close(A.sum("rows").flatten(2), A.to_dense().sum(-1))
     torch.testing.assert_close(A.sum("columns").flatten(2), A.to_dense().sum(-2))
     torch.testing.assert_close(A.sum("heads").to_dense(), A.to_dense().sum(1, keepdim=True))

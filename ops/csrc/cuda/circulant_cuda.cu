@@ -68,7 +68,7 @@ __global__ void __launch_bounds__(kThreads)
 
   for (int a = 0; a < g.ws; ++a) {
     if (a + 1 < g.ws) stage_row(a + g.TI);
-    dot_split(buf, splits, qs, C, ks, kn, g, a);
+    dot_split<true>(buf, splits, qs, C, ks, kn, g, a);
     __syncthreads();
     for (int p = warp_id(); p < g.npix; p += num_warps()) {
       const int i = p / g.TJ, jj = p - i * g.TJ;
@@ -271,7 +271,8 @@ at::Tensor similarity(const at::Tensor& q_, const at::Tensor& k_, int64_t window
     auto kernel = similarity_kernel<scalar_t>;
     const Launch l = choose_launch(
         int(H), int(W), ws, B * G, 0, 1, max_dot_splits(C), kernel_registers(kernel),
-        [&](const Geom& g, int splits) { return sim_smem<A>(g, int(C), distance, splits).bytes; }, "similarity");
+        [&](const Geom& g, int splits) { return sim_smem<A>(g, int(C), distance, splits).bytes; }, "similarity",
+        true);
     allow_smem(kernel, l.smem);
     const dim3 grid(unsigned(l.tiles), unsigned(B * G));
     kernel<<<grid, l.threads, l.smem, c10::cuda::getCurrentCUDAStream()>>>(

@@ -121,6 +121,16 @@ inline void apply_geom(Geom& g) {
   g.part = g.npix / kAP * apply_group_stride(g);
 }
 
+// The ring of a dot loop with 16-byte loads (dot_tile<true>): rows start on 16 bytes and are long
+// enough for the last thread tile's 12 values; for tiles narrower than a warp's 8 lanes of pixel
+// groups, rows are TJ past a multiple of 32 elements, so that the lanes of a quarter warp that
+// differ in tile row read distinct banks.
+inline void vector_ring_geom(Geom& g) {
+  g.rs = round_up(g.TJ + kDC * ((g.ws + kDC - 1) / kDC), 4);
+  if (g.TJ < 32) g.rs += ((g.TJ - g.rs) % 32 + 32) % 32;
+  g.ps = round_up(g.nslots * g.rs, 4);
+}
+
 // dot_reads: a dot loop reads the ring, up to 6 columns past the halo; without one (the apply)
 // the ring and the buffer take the apply's layout.
 inline Geom make_geom(int H, int W, int ws, int TI, int TJ, bool dot_reads) {
@@ -249,7 +259,9 @@ template <> __device__ __forceinline__ void load4<double>(double (&d)[4], const 
 //   buf[p][c] = sum_ch tile[ch][p] * ring[ch][(i+a) mod (TI+1)][jj + c]
 // (minus norms/2 of the ring column when `rnorm` is given). Tiles are numbered with the pixel
 // group fastest, then the tile row, so that a warp reads 32 distinct banks of the ring.
-template <typename A>
+// Vec: the ring has vector_ring_geom's layout and the 11 ring values a channel come from three
+// 16-byte loads (the scalar loads otherwise: 4 instead of 12 shared loads for 32 FMAs).
+template <bool Vec, typename A>
 __device__ __forceinline__ void dot_tile(int t, A* __restrict__ buf, const A* __restrict__ tile, int ch0, int ch1,
                                          const A* __restrict__ ring, const A* __restrict__ rnorm, const Geom& g,
                                          int a) {
@@ -269,10 +281,15 @@ __device__ __forceinline__ void dot_tile(int t, A* __restrict__ buf, const A* __
   for (int ch = ch0; ch < ch1; ++ch) {
     A qv[kDJ];
     load4<A>(qv, qp + ch * g.npix);
-    A kv[kDJ + kDC - 1];
+    A kv[kDJ + kDC];  // the last one is read by the vector loads only
     const A* kc = kp + ch * g.ps;
+    if constexpr (Vec) {
 #pragma unroll
-    for (int u = 0; u < kDJ + kDC - 1; ++u) kv[u] = kc[u];
+      for (int u = 0; u < kDJ + kDC; u += 4) load4<A>(*reinterpret_cast<A(*)[4]>(kv + u), kc + u);
+    } else {
+#pragma unroll
+      for (int u = 0; u < kDJ + kDC - 1; ++u) kv[u] = kc[u];
+    }
 #pragma unroll
     for (int p = 0; p < kDJ; ++p)
 #pragma unroll
@@ -295,20 +312,20 @@ __device__ __forceinline__ void dot_tile(int t, A* __restrict__ buf, const A* __
 // Dot tile u of the ndot * splits tiles of window row a whose channels are cut into `splits`
 // near-equal parts, so that more threads share the step: part s writes its partial sums to
 // buf + s * g.part (the norms term goes with part 0). Readers add the parts with sum_parts().
-template <typename A>
+template <bool Vec, typename A>
 __device__ __forceinline__ void dot_part(int u, A* __restrict__ buf, int splits, const A* __restrict__ tile, int C,
                                          const A* __restrict__ ring, const A* __restrict__ rnorm, const Geom& g,
                                          int a) {
   const int s = u / g.ndot, per = (C + splits - 1) / splits, ch0 = s * per;
-  dot_tile(u - s * g.ndot, buf + s * g.part, tile, ch0, min(C, ch0 + per), ring, s == 0 ? rnorm : nullptr, g, a);
+  dot_tile<Vec>(u - s * g.ndot, buf + s * g.part, tile, ch0, min(C, ch0 + per), ring, s == 0 ? rnorm : nullptr, g, a);
 }
 
 // All dot tiles of window row a, in `splits` channel parts (dot_part).
-template <typename A>
+template <bool Vec = false, typename A>
 __device__ __forceinline__ void dot_split(A* __restrict__ buf, int splits, const A* __restrict__ tile, int C,
                                           const A* __restrict__ ring, const A* __restrict__ rnorm, const Geom& g,
                                           int a) {
-  for (int t = threadIdx.x; t < g.ndot * splits; t += blockDim.x) dot_part(t, buf, splits, tile, C, ring, rnorm, g, a);
+  for (int t = threadIdx.x; t < g.ndot * splits; t += blockDim.x) dot_part<Vec>(t, buf, splits, tile, C, ring, rnorm, g, a);
 }
 
 // The fused backward's two dot loops of window row a side by side (S into buf0 with the norms
@@ -321,9 +338,9 @@ __device__ __forceinline__ void dot_split_pair(A* __restrict__ buf0, const A* __
   const int n = g.ndot * splits;
   for (int t = threadIdx.x; t < 2 * n; t += blockDim.x) {
     if (t < n)
-      dot_part(t, buf0, splits, tile0, C0, ring0, rnorm0, g, a);
+      dot_part<false>(t, buf0, splits, tile0, C0, ring0, rnorm0, g, a);
     else
-      dot_part(t - n, buf1, splits, tile1, C1, ring1, static_cast<const A*>(nullptr), g, a);
+      dot_part<false>(t - n, buf1, splits, tile1, C1, ring1, static_cast<const A*>(nullptr), g, a);
   }
 }
 
@@ -549,7 +566,7 @@ inline int max_dot_splits(int64_t C) { return C >= 32 ? 4 : (C >= 16 ? int(C / 8
 // registers a thread (kernel_registers).
 template <typename SmemOf>
 Launch choose_launch(int H, int W, int ws, int64_t planes, int groups, int dots, int max_splits, int regs,
-                     SmemOf smem_of, const char* op) {
+                     SmemOf smem_of, const char* op, bool vector_ring = false) {
   static const int cand[][2] = {{4, 32}, {2, 32}, {4, 16}, {1, 32}, {2, 16}, {4, 8}, {1, 16}, {2, 8}, {1, 8}};
   const SmLimits dev = sm_limits();
   Launch best{};
@@ -560,7 +577,8 @@ Launch choose_launch(int H, int W, int ws, int64_t planes, int groups, int dots,
     if (TJ > 8 && TJ / 2 >= W) continue;
     const int acc_threads = TI * (TJ / (dots > 0 ? kRJ : kAP)) * groups;
     if (acc_threads > kThreads) continue;
-    const Geom g = make_geom(H, W, ws, TI, TJ, dots > 0);
+    Geom g = make_geom(H, W, ws, TI, TJ, dots > 0);
+    if (vector_ring) vector_ring_geom(g);
     const int tiles = (H + TI - 1) / TI * g.tiles_j;
     for (int splits = 1; splits <= max_splits; ++splits) {
       const int dot_threads = g.ndot * dots * splits;
