@@ -16,7 +16,7 @@ template <typename A>
 __host__ __device__ SimSmem sim_smem(const Geom& g, int C, bool dist, int splits) {
   Bump b;
   SimSmem s;
-  s.q = b.take((long long)C * DotShape<true>::plane(g) * sizeof(A));
+  s.q = b.take((long long)C * g.npix * sizeof(A));
   s.k = b.take((long long)(C > 0 ? C : 1) * g.ps * sizeof(A));
   s.kn = b.take(dist ? (long long)g.nslots * g.rs * sizeof(A) : 0);
   s.qn = b.take(dist ? (long long)g.npix * sizeof(A) : 0);
@@ -54,7 +54,7 @@ __global__ void __launch_bounds__(kThreads)
   T* Sb = S + plane * HW * K;
 
   halo_columns(cmap, g, j0);
-  stage_tile(qs, qb, C, g, i0, j0, DotShape<true>::row(g));
+  stage_tile(qs, qb, C, g, i0, j0);
   if (dist) tile_norms(qn, qb, C, g, i0, j0);
   __syncthreads();
   auto stage_row = [&](int rr) {
@@ -272,7 +272,7 @@ at::Tensor similarity(const at::Tensor& q_, const at::Tensor& k_, int64_t window
     const Launch l = choose_launch(
         int(H), int(W), ws, B * G, 0, 1, max_dot_splits(C), kernel_registers(kernel),
         [&](const Geom& g, int splits) { return sim_smem<A>(g, int(C), distance, splits).bytes; }, "similarity",
-        /*similarity_layout=*/true);
+        true);
     allow_smem(kernel, l.smem);
     const dim3 grid(unsigned(l.tiles), unsigned(B * G));
     kernel<<<grid, l.threads, l.smem, c10::cuda::getCurrentCUDAStream()>>>(

@@ -17,8 +17,7 @@
 //                                 last pixel: a pixel's leading zeros are the trailing ones of the
 //                                 pixel before it; L is odd (ws is), which spreads a warp's pixels over
 //                                 the banks. A buffer (one channel part) is `part` elements.
-// The apply has its own buffer and ring strides, for 16-byte loads (apply_geom); the materialised
-// similarity pads its tile rows and has its own ring strides (DotShape<true>, similarity_geom).
+// The apply has its own buffer and ring strides, for 16-byte loads (apply_geom).
 #pragma once
 
 #include <algorithm>
@@ -92,18 +91,6 @@ struct Geom {
 
 __host__ __device__ __forceinline__ int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
-// The dot loop comes in two shapes. Narrow (the fused kernels): a thread owns kDJ = 4 pixels and
-// reads the ring with scalar loads; tile rows are TJ long. Wide (the materialised similarity, v7):
-// 8 pixels, every operand from 16-byte loads (6 shared loads for 64 FMAs a channel, against 12 for
-// 32), tile rows TJ + 4 long and ring rows laid out by similarity_geom, so that the two tile rows
-// a quarter warp spans (TJ = 32) fall in distinct banks.
-template <bool Wide> struct DotShape {
-  static constexpr int NJ = Wide ? 8 : kDJ;                  // pixels a thread
-  static constexpr int NK = Wide ? NJ + kDC : NJ + kDC - 1;  // ring values a channel (Wide: whole loads)
-  __host__ __device__ static int row(const Geom& g) { return Wide ? g.TJ + 4 : g.TJ; }
-  __host__ __device__ static int plane(const Geom& g) { return Wide ? g.TI * row(g) : g.npix; }
-};
-
 // The apply's weight buffer holds one row per pixel, L elements: row p of a group of kAP pixels
 // has the window row's ws weights at offsets p .. p+ws-1 and zeros elsewhere, so that offset t
 // pairs with ring column jj0 + t for every pixel of the group. Rows and groups start on 16 bytes
@@ -134,15 +121,14 @@ inline void apply_geom(Geom& g) {
   g.part = g.npix / kAP * apply_group_stride(g);
 }
 
-// The materialised similarity's layout (DotShape<true>): ring rows on 16 bytes, long enough for the
-// last thread tile's 16 values, and 4 past a multiple of 8 elements, so that two consecutive ring
-// rows read by one quarter warp (8 lanes: 4 pixel groups of two tile rows at TJ = 32) fall in
-// distinct banks; the dot tiles have 8 pixels.
-inline void similarity_geom(Geom& g) {
+// The ring of a dot loop with 16-byte loads (dot_tile<true>): rows start on 16 bytes and are long
+// enough for the last thread tile's 12 values; for tiles narrower than a warp's 8 lanes of pixel
+// groups, rows are TJ past a multiple of 32 elements, so that the lanes of a quarter warp that
+// differ in tile row read distinct banks.
+inline void vector_ring_geom(Geom& g) {
   g.rs = round_up(g.TJ + kDC * ((g.ws + kDC - 1) / kDC), 4);
-  if (g.rs % 8 == 0) g.rs += 4;
+  if (g.TJ < 32) g.rs += ((g.TJ - g.rs) % 32 + 32) % 32;
   g.ps = round_up(g.nslots * g.rs, 4);
-  g.ndot = g.TI * (g.TJ / DotShape<true>::NJ) * ((g.ws + kDC - 1) / kDC);
 }
 
 // dot_reads: a dot loop reads the ring, up to 6 columns past the halo; without one (the apply)
@@ -204,17 +190,15 @@ __device__ __forceinline__ int warp_id() { return int(threadIdx.x >> 5); }
 __device__ __forceinline__ int lane_id() { return int(threadIdx.x & 31); }
 __device__ __forceinline__ int num_warps() { return int(blockDim.x >> 5); }
 
-// The tile's own pixels, all C channels: dst[ch][i][jj] = src[ch][(i0+i) mod H][(j0+jj) mod W], rows
-// `stride` apart (default TJ). A warp per (channel, tile row); lanes walk the row.
+// The tile's own pixels, all C channels: dst[ch][p] = src[ch][(i0+i) mod H][(j0+jj) mod W].
+// A warp per (channel, tile row); lanes walk the row.
 template <typename T, typename A>
-__device__ void stage_tile(A* __restrict__ dst, const T* __restrict__ src, int C, const Geom& g, int i0, int j0,
-                           int stride = 0) {
+__device__ void stage_tile(A* __restrict__ dst, const T* __restrict__ src, int C, const Geom& g, int i0, int j0) {
   const int64_t HW = int64_t(g.H) * g.W;
-  const int rows = stride > 0 ? stride : g.TJ;
   for (int row = warp_id(); row < C * g.TI; row += num_warps()) {
     const int ch = row / g.TI, i = row - ch * g.TI;
     const T* s = src + ch * HW + int64_t(wrap(i0 + i, g.H)) * g.W;
-    A* d = dst + (ch * g.TI + i) * rows;
+    A* d = dst + ch * g.npix + i * g.TJ;
     for (int jj = lane_id(); jj < g.TJ; jj += 32) d[jj] = static_cast<A>(s[wrap(j0 + jj, g.W)]);
   }
 }
@@ -270,51 +254,49 @@ template <> __device__ __forceinline__ void load4<double>(double (&d)[4], const 
   d[0] = v0.x; d[1] = v0.y; d[2] = v1.x; d[3] = v1.y;
 }
 
-// Dot loop, one thread tile: pixels jj0..jj0+NJ-1 of tile row i against window columns
+// Dot loop, one thread tile: pixels jj0..jj0+3 of tile row i against window columns
 // c0..c0+7 of window row a, over channels [ch0, ch1):
 //   buf[p][c] = sum_ch tile[ch][p] * ring[ch][(i+a) mod (TI+1)][jj + c]
 // (minus norms/2 of the ring column when `rnorm` is given). Tiles are numbered with the pixel
-// group fastest, then the tile row, so that a warp reads distinct banks of the ring.
-template <bool Wide, typename A>
+// group fastest, then the tile row, so that a warp reads 32 distinct banks of the ring.
+// Vec: the ring has vector_ring_geom's layout and the 11 ring values a channel come from three
+// 16-byte loads (the scalar loads otherwise: 4 instead of 12 shared loads for 32 FMAs).
+template <bool Vec, typename A>
 __device__ __forceinline__ void dot_tile(int t, A* __restrict__ buf, const A* __restrict__ tile, int ch0, int ch1,
                                          const A* __restrict__ ring, const A* __restrict__ rnorm, const Geom& g,
                                          int a) {
-  using S = DotShape<Wide>;
-  constexpr int NJ = S::NJ;
-  const int ngj = g.TJ / NJ;
+  const int ngj = g.TJ / kDJ;
   const int jg = t % ngj, rest = t / ngj;
   const int i = rest % g.TI, cg = rest / g.TI;
-  const int jj0 = jg * NJ, c0 = cg * kDC;
+  const int jj0 = jg * kDJ, c0 = cg * kDC;
   const int slot = (i + a) % g.nslots;
-  const int tplane = S::plane(g);
-  const A* qp = tile + i * S::row(g) + jj0;
+  const A* qp = tile + i * g.TJ + jj0;
   const A* kp = ring + slot * g.rs + jj0 + c0;
-  A acc[NJ][kDC];
+  A acc[kDJ][kDC];
 #pragma unroll
-  for (int p = 0; p < NJ; ++p)
+  for (int p = 0; p < kDJ; ++p)
 #pragma unroll
     for (int c = 0; c < kDC; ++c) acc[p][c] = A(0);
 #pragma unroll 2
   for (int ch = ch0; ch < ch1; ++ch) {
-    A qv[NJ];
-#pragma unroll
-    for (int p = 0; p < NJ; p += 4) load4<A>(*reinterpret_cast<A(*)[4]>(qv + p), qp + ch * tplane + p);
-    A kv[S::NK];
+    A qv[kDJ];
+    load4<A>(qv, qp + ch * g.npix);
+    A kv[kDJ + kDC];  // the last one is read by the vector loads only
     const A* kc = kp + ch * g.ps;
-    if constexpr (Wide) {
+    if constexpr (Vec) {
 #pragma unroll
-      for (int u = 0; u < S::NK; u += 4) load4<A>(*reinterpret_cast<A(*)[4]>(kv + u), kc + u);
+      for (int u = 0; u < kDJ + kDC; u += 4) load4<A>(*reinterpret_cast<A(*)[4]>(kv + u), kc + u);
     } else {
 #pragma unroll
-      for (int u = 0; u < S::NK; ++u) kv[u] = kc[u];
+      for (int u = 0; u < kDJ + kDC - 1; ++u) kv[u] = kc[u];
     }
 #pragma unroll
-    for (int p = 0; p < NJ; ++p)
+    for (int p = 0; p < kDJ; ++p)
 #pragma unroll
       for (int c = 0; c < kDC; ++c) acc[p][c] = fma(qv[p], kv[p + c], acc[p][c]);
   }
 #pragma unroll
-  for (int p = 0; p < NJ; ++p) {
+  for (int p = 0; p < kDJ; ++p) {
     A* dst = buf + (i * g.TJ + jj0 + p) * g.L + (kRJ - 1) + c0;
 #pragma unroll
     for (int c = 0; c < kDC; ++c) {
@@ -330,20 +312,20 @@ __device__ __forceinline__ void dot_tile(int t, A* __restrict__ buf, const A* __
 // Dot tile u of the ndot * splits tiles of window row a whose channels are cut into `splits`
 // near-equal parts, so that more threads share the step: part s writes its partial sums to
 // buf + s * g.part (the norms term goes with part 0). Readers add the parts with sum_parts().
-template <bool Wide, typename A>
+template <bool Vec, typename A>
 __device__ __forceinline__ void dot_part(int u, A* __restrict__ buf, int splits, const A* __restrict__ tile, int C,
                                          const A* __restrict__ ring, const A* __restrict__ rnorm, const Geom& g,
                                          int a) {
   const int s = u / g.ndot, per = (C + splits - 1) / splits, ch0 = s * per;
-  dot_tile<Wide>(u - s * g.ndot, buf + s * g.part, tile, ch0, min(C, ch0 + per), ring, s == 0 ? rnorm : nullptr, g, a);
+  dot_tile<Vec>(u - s * g.ndot, buf + s * g.part, tile, ch0, min(C, ch0 + per), ring, s == 0 ? rnorm : nullptr, g, a);
 }
 
 // All dot tiles of window row a, in `splits` channel parts (dot_part).
-template <bool Wide = false, typename A>
+template <bool Vec = false, typename A>
 __device__ __forceinline__ void dot_split(A* __restrict__ buf, int splits, const A* __restrict__ tile, int C,
                                           const A* __restrict__ ring, const A* __restrict__ rnorm, const Geom& g,
                                           int a) {
-  for (int t = threadIdx.x; t < g.ndot * splits; t += blockDim.x) dot_part<Wide>(t, buf, splits, tile, C, ring, rnorm, g, a);
+  for (int t = threadIdx.x; t < g.ndot * splits; t += blockDim.x) dot_part<Vec>(t, buf, splits, tile, C, ring, rnorm, g, a);
 }
 
 // The fused backward's two dot loops of window row a side by side (S into buf0 with the norms
@@ -584,7 +566,7 @@ inline int max_dot_splits(int64_t C) { return C >= 32 ? 4 : (C >= 16 ? int(C / 8
 // registers a thread (kernel_registers).
 template <typename SmemOf>
 Launch choose_launch(int H, int W, int ws, int64_t planes, int groups, int dots, int max_splits, int regs,
-                     SmemOf smem_of, const char* op, bool similarity_layout = false) {
+                     SmemOf smem_of, const char* op, bool vector_ring = false) {
   static const int cand[][2] = {{4, 32}, {2, 32}, {4, 16}, {1, 32}, {2, 16}, {4, 8}, {1, 16}, {2, 8}, {1, 8}};
   const SmLimits dev = sm_limits();
   Launch best{};
@@ -596,7 +578,7 @@ Launch choose_launch(int H, int W, int ws, int64_t planes, int groups, int dots,
     const int acc_threads = TI * (TJ / (dots > 0 ? kRJ : kAP)) * groups;
     if (acc_threads > kThreads) continue;
     Geom g = make_geom(H, W, ws, TI, TJ, dots > 0);
-    if (similarity_layout) similarity_geom(g);
+    if (vector_ring) vector_ring_geom(g);
     const int tiles = (H + TI - 1) / TI * g.tiles_j;
     for (int splits = 1; splits <= max_splits; ++splits) {
       const int dot_threads = g.ndot * dots * splits;
