@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -19,6 +20,19 @@ from types import ModuleType
 import torch
 
 CSRC = Path(__file__).resolve().parent / "csrc"
+
+
+def _cpp_extension() -> ModuleType:
+    """torch.utils.cpp_extension, imported without its warning that a CUDA toolkit is installed but no
+    GPU is visible: on such a machine the CPU kernels are what is wanted, and every command printed it."""
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        import torch.utils.cpp_extension as cpp_extension
+    finally:
+        log.setLevel(level)
+    return cpp_extension
 
 
 def _cpu_isa_flags() -> list[str]:
@@ -92,9 +106,8 @@ def _check_toolchain(device: str) -> None:
     if shutil.which(cxx) is None:
         raise BuildUnavailable(f"no C++ compiler found ({cxx!r} is not on PATH)")
     if device == "cuda":
-        from torch.utils.cpp_extension import CUDA_HOME
-
-        if CUDA_HOME is None or not (Path(CUDA_HOME) / "bin" / "nvcc").exists():
+        cuda_home = _cpp_extension().CUDA_HOME
+        if cuda_home is None or not (Path(cuda_home) / "bin" / "nvcc").exists():
             raise BuildUnavailable("no CUDA toolkit found (nvcc; set CUDA_HOME)")
         if not torch.cuda.is_available():
             raise BuildUnavailable("no CUDA device is visible")
@@ -103,8 +116,7 @@ def _check_toolchain(device: str) -> None:
 @functools.cache
 def load(device: str) -> ModuleType:
     """Build (once, announced in one line) or load the kernels for device 'cpu' or 'cuda'."""
-    from torch.utils.cpp_extension import load as torch_load
-
+    torch_load = _cpp_extension().load
     _check_toolchain(device)
     folder = build_dir(device)
     folder.mkdir(parents=True, exist_ok=True)
