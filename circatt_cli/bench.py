@@ -166,6 +166,7 @@ class Settings:
     model_tiled: bool
     model_min_runs: int
     quick: bool
+    tf32: bool = False
 
 
 def cases_for(settings: Settings) -> list[Case]:
@@ -329,7 +330,8 @@ def _measure_row(row: Row, group: Group, peer: Peer, sets: list, settings: Setti
     timing = measure(calls, settings.device, settings.warmup, settings.repeat, settings.budget_s)
     itemsize = torch.tensor([], dtype=group.dtype).element_size()
     flops, nbytes = cost_of(peer.name, group.op, group.case, itemsize, group.mode == "fwd+bwd")
-    fill_numbers(row, timing, flops, nbytes, ceilings, dtype_name(group.dtype))
+    rate = "tf32" if settings.tf32 and group.dtype == torch.float32 else dtype_name(group.dtype)
+    fill_numbers(row, timing, flops, nbytes, ceilings, rate)
 
 
 def fill_numbers(row: Row, timing: Timing, flops: int | None, nbytes: int | None, ceilings: Ceilings | None, dtype: str) -> None:
@@ -549,6 +551,8 @@ def _settings(**o) -> Settings:
 
     ops = _choices(o["ops"], OPS + ("model",), "--ops")
     dtypes = tuple(DTYPES[d] for d in _choices(pick("dtype", "float32,bfloat16" if device.type == "cuda" else "float32"), tuple(DTYPES), "--dtype"))
+    if device.type == "cpu" and o.get("tf32"):
+        raise typer.BadParameter("TF32 is a CUDA matmul mode; drop --tf32 on the CPU", param_hint="--tf32")
     if device.type == "cpu" and torch.bfloat16 in dtypes:
         raise typer.BadParameter("bfloat16 is CUDA-only in circatt_ops; use --dtype float32 on the CPU", param_hint="--dtype")
     windows = _windows(pick("windows", "15,35"))
@@ -564,7 +568,7 @@ def _settings(**o) -> Settings:
         budget_s=QUICK["budget"] if quick else 2.0, seed=o["seed"], model="model" in ops,
         model_sizes=_sizes(pick("model_sizes", MODEL_SIZES[device.type]), "--model-sizes"),
         model_kinds=(DEFAULT_PRESET,) if quick else tuple(PRESETS), model_tiled=not quick,
-        model_min_runs=1 if quick else MIN_RUNS, quick=quick,
+        model_min_runs=1 if quick else MIN_RUNS, quick=quick, tf32=bool(o.get("tf32")),
     )
 
 
@@ -652,6 +656,7 @@ def bench(
     csv_path: Path = typer.Option(None, "--csv", help="Write every row as CSV.", dir_okay=False),
     plot_path: Path = typer.Option(None, "--plot", help="Write a log-log PNG of time against image size.", dir_okay=False),
     baseline_path: Path = typer.Option(None, "--baseline", help="A previous run's --json (another build, say): each row it also timed (same shape, op, pass, dtype and implementation) shows its time there over ours now.", dir_okay=False),
+    tf32: bool = typer.Option(False, "--tf32", help="Allow TF32 in float32 matmuls for every implementation alike (torch.backends.cuda.matmul.allow_tf32: our attention forward, Flex, SDPA, the reference); float32 floors then use the TF32 rate."),
 ) -> None:
     """Time the circulant attention ops, the peers and the denoiser; tables, JSON, CSV and a plot."""
     if plot_path is not None and plot_path.suffix.lower() != ".png":
@@ -661,9 +666,10 @@ def bench(
     baseline = _baseline(baseline_path)
     settings = _settings(
         device=device, ops=ops, shapes=shapes, sizes=sizes, windows=windows, dtype=dtype, modes=modes, impls=impls,
-        model_sizes=model_sizes, repeat=repeat, warmup=warmup, seed=seed, quick=quick,
+        model_sizes=model_sizes, repeat=repeat, warmup=warmup, seed=seed, quick=quick, tf32=tf32,
     )
     _check_selection(settings)
+    torch.backends.cuda.matmul.allow_tf32 = tf32
     console = Console()
     if not console.is_terminal:
         console = Console(width=170)

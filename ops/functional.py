@@ -75,7 +75,10 @@ def attention(
     """softmax(scale * similarity(q, k)) applied to v, per head.
 
     Without `return_adjacency` the weights are never stored: the backward recomputes them from the
-    saved per-row log-sum-exp (FlashAttention's recipe). With it, returns `(y, A)`.
+    saved per-row log-sum-exp (FlashAttention's recipe). With it, returns `(y, A)`. On CUDA (sm_80+)
+    the forward of dot attention runs on tensor cores for float16 and bfloat16, and for float32 when
+    `torch.backends.cuda.matmul.allow_tf32` is on (TF32 operands, float32 accumulation), for heads
+    of 16, 32, 64 or 128 channels, widths divisible by 8 and windows up to 49.
 
     Args:
         q, k: (B, C, H, W); v: (B, Cv, H, W), Cv divisible by heads (may be complex).

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Nsight Compute profile of the CUDA kernels at one shape (docs/kernels.md, open problems 2-3):
-#     scripts/profile_kernels.sh [train|S1|S2]     (KERNELS: a regex of kernel names, default all of ours)
+#     scripts/profile_kernels.sh [train|S1|S2]     (KERNELS: a regex of kernel names, default all of ours;
+#     DTYPE: float32 (default), bfloat16 or float16; TF32=1 allows TF32, as torch.backends.cuda.matmul.allow_tf32)
 # On the GPU machine (Firecracker runtime: ncu reads the counters there). Profiles one call of each
 # entry point (similarity, apply, apply transposed, fused forward, fused backward) after a warm-up,
 # bracketing the profiled round with cudaProfilerStart/Stop so that the backward's launches from
@@ -26,8 +27,9 @@ import torch
 import circatt_ops as ca
 
 B, C, H, W, window, heads = map(int, sys.argv[1:7])
-kind = sys.argv[7]
-q, k, v = (torch.randn(B, C, H, W, device="cuda", requires_grad=True) for _ in range(3))
+kind, dtype, tf32 = sys.argv[7], getattr(torch, sys.argv[8]), sys.argv[9] == "1"
+torch.backends.cuda.matmul.allow_tf32 = tf32
+q, k, v = (torch.randn(B, C, H, W, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
 for i in range(2):  # round 0: warm-up (and the build); round 1: profiled, backward included
     if i == 1:
         torch.cuda.profiler.start()  # ncu runs with --profile-from-start off
@@ -41,6 +43,6 @@ PY
 ncu --clock-control none --kernel-name-base demangled --kernel-name "regex:${KERNELS:-circatt::}" --profile-from-start off \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
     --section SchedulerStats --section WarpStateStats --section ComputeWorkloadAnalysis \
-    -o "$out/profile-$shape" -f python3 /tmp/circatt_profile_calls.py $args
+    -o "$out/profile-$shape" -f python3 /tmp/circatt_profile_calls.py $args "${DTYPE:-float32}" "${TF32:-0}"
 ncu --import "$out/profile-$shape.ncu-rep" --page details --print-units base > "$out/profile-$shape.txt"
 grep -E "circatt::|Duration|Compute \\(SM\\) Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Block Size|Dynamic Shared" "$out/profile-$shape.txt" | head -120

@@ -128,6 +128,7 @@ def test_plot_is_a_png(report):
         (["--sizes", "0"], "not a size"),
         (["--windows", "8"], "odd window"),
         (["--dtype", "bfloat16", "--device", "cpu"], "CUDA-only"),
+        (["--tf32", "--device", "cpu"], "TF32 is a CUDA matmul mode"),
         (["--device", "tpu"], "device"),
         (["--repeat", "0"], "at least 1"),
         (["--plot", "out.jpg"], "PNG"),

@@ -141,3 +141,129 @@ def test_complex_on_cuda_matches_reference():
     v = torch.randn(1, 4, 9, 10, dtype=torch.complex64, device="cuda")
     want = ca.attention(_hi(q), _hi(k), _hi(v), 5, heads=2, backend="reference")
     _close(ca.attention(q, k, v, 5, heads=2, backend="cuda").cpu(), want, torch.complex64)
+
+
+# (B, heads, channels per head, H, W, window): shapes the tensor-core kernels take. A partial last
+# tile row (H % 4) and column (W % 16 == 8), a halo wider than the image (W = 16), one to four 16-key
+# chunks per halo row (window 1 to 49), and every head size it has (16, 32, 64, 128).
+MMA_SHAPES = [
+    (2, 1, 64, 24, 32, 15),
+    (1, 4, 16, 18, 40, 7),
+    (1, 2, 32, 9, 16, 9),
+    (1, 1, 128, 35, 48, 35),
+    (2, 1, 64, 5, 8, 1),
+    (1, 1, 16, 50, 56, 49),
+]
+
+
+def _kernels():
+    from circatt_ops import _extension
+
+    return _extension.load("cuda")
+
+
+@pytest.mark.parametrize("shape", MMA_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_tensor_core_attention(shape, dtype):
+    B, heads, ch, H, W, window = shape
+    kernels = _kernels()
+    q, k, v = (torch.randn(B, heads, ch, H, W, device="cuda", dtype=torch.float64).to(dtype).double() for _ in range(3))
+    q, k = (t.mul(0.3).to(dtype).double() for t in (q, k))  # inputs exact in dtype: the reference sees them too
+    assert kernels._attention_uses_tensor_cores(q.to(dtype), v.to(dtype), window, False)
+    assert not kernels._attention_uses_tensor_cores(q.to(dtype), v.to(dtype), window, True)  # distance: not yet
+
+    flat = [t.reshape(B, heads * ch, H, W) for t in (q, k, v)]
+    dy = torch.randn_like(flat[2])
+    leaves = [t.detach().cpu().requires_grad_() for t in flat]
+    ref = ca.attention(*leaves, window, heads=heads, backend="reference")
+    ref.backward(dy.cpu())
+    got_leaves = [t.detach().to(dtype).requires_grad_() for t in flat]
+    poison_allocator("cuda")
+    y = ca.attention(*got_leaves, window, heads=heads, backend="cuda")
+    _close(y.detach().cpu(), ref.detach(), dtype)
+    poison_allocator("cuda")
+    y.backward(dy.to(dtype))  # the backward recomputes the weights from this forward's log-sum-exp
+    for got, want in zip(got_leaves, leaves):
+        _close(got.grad.cpu(), want.grad, dtype)
+
+    # The log-sum-exp itself, against the scalar kernel's on the same inputs.
+    args = [t.to(dtype) for t in (q, k, v)] + [window, False, ch**-0.5]
+    poison_allocator("cuda")
+    y_mma, lse_mma = kernels.attention_forward(*args)
+    kernels._set_tensor_cores(False)
+    try:
+        y_simt, lse_simt = kernels.attention_forward(*args)
+    finally:
+        kernels._set_tensor_cores(True)
+    assert torch.isfinite(lse_mma).all()
+    torch.testing.assert_close(lse_mma, lse_simt, rtol=1e-4, atol=1e-4)
+    _close(y_mma.cpu(), y_simt.double().cpu(), dtype)
+
+
+@pytest.fixture
+def tf32():
+    """torch.backends.cuda.matmul.allow_tf32 on for the test, restored after."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("shape", [s for s in MMA_SHAPES if s[2] <= 64])
+def test_tf32_attention(shape, tf32):
+    """float32 with TF32 allowed, forward and backward: inputs exact in bfloat16 (so in TF32), so only
+    the rounding of P and dS to TF32 remains."""
+    B, heads, ch, H, W, window = shape
+    kernels = _kernels()
+    q, k, v = (torch.randn(B, heads, ch, H, W, device="cuda").to(torch.bfloat16).float() for _ in range(3))
+    q, k = (t.mul(0.3).to(torch.bfloat16).float() for t in (q, k))
+    assert kernels._attention_uses_tensor_cores(q, v, window, False)
+
+    flat = [t.reshape(B, heads * ch, H, W) for t in (q, k, v)]
+    dy = torch.randn_like(flat[2])
+    leaves = [_hi(t).requires_grad_() for t in flat]
+    ref = ca.attention(*leaves, window, heads=heads, backend="reference")
+    ref.backward(_hi(dy))
+    got_leaves = [t.detach().clone().requires_grad_() for t in flat]
+    poison_allocator("cuda")
+    y = ca.attention(*got_leaves, window, heads=heads, backend="cuda")
+    tol = dict(rtol=2e-3, atol=2e-3)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(_hi(y.detach()), ref.detach(), **tol)
+    poison_allocator("cuda")
+    y.backward(dy)
+    for got, want in zip(got_leaves, leaves):
+        assert torch.isfinite(got.grad).all()
+        torch.testing.assert_close(_hi(got.grad), want.grad, **tol)
+
+    args = [q, k, v, window, False, ch**-0.5]
+    y_mma, lse_mma = kernels.attention_forward(*args)
+    torch.backends.cuda.matmul.allow_tf32 = False  # the flag alone sends float32 back to the scalar kernel
+    assert not kernels._attention_uses_tensor_cores(q, v, window, False)
+    y_simt, lse_simt = kernels.attention_forward(*args)
+    torch.testing.assert_close(lse_mma, lse_simt, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(y_mma, y_simt, **tol)
+    if window > 1:  # the two paths differ where P is not exactly 1: TF32 rounding shows
+        assert not torch.equal(y_mma, y_simt)
+
+
+def test_tensor_core_attention_declines():
+    """Shapes the tensor-core kernel does not take go to the scalar kernels (tested above)."""
+    kernels = _kernels()
+    x = torch.randn(1, 1, 64, 20, 56, device="cuda", dtype=torch.bfloat16)
+    assert kernels._attention_uses_tensor_cores(x, x, 15, False)
+    saved = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert not kernels._attention_uses_tensor_cores(x.float(), x.float(), 15, False)  # float32 without TF32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert kernels._attention_uses_tensor_cores(x.float(), x.float(), 15, False)
+        assert not kernels._attention_uses_tensor_cores(x.double(), x.double(), 15, False)
+        wide = torch.randn(1, 1, 128, 8, 8, device="cuda")
+        assert not kernels._attention_uses_tensor_cores(wide, wide, 15, False)  # float32 heads of 128
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+    assert not kernels._attention_uses_tensor_cores(x[..., :52].contiguous(), x[..., :52].contiguous(), 15, False)  # W % 8
+    assert not kernels._attention_uses_tensor_cores(x[:, :, :48], x[:, :, :48], 15, False)  # head size 48
+    assert not kernels._attention_uses_tensor_cores(x, x[:, :, :32], 15, False)  # v's channels differ
+    assert not kernels._attention_uses_tensor_cores(x, x, 51, False)  # five 16-key chunks

@@ -12,6 +12,15 @@
 
 namespace circatt {
 
+// The tensor-core kernels (attention_mma.cu): dot attention of some head sizes in float16, bfloat16,
+// and float32 as TF32 when allowed.
+bool attention_uses_tensor_cores(const at::Tensor& q, const at::Tensor& v, int64_t window, bool distance);
+bool attention_forward_mma(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& y,
+                           at::Tensor& lse, int64_t window, double scale);
+bool attention_backward_mma(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dy,
+                            const at::Tensor& L2, const at::Tensor& D, at::Tensor& dq, at::Tensor& dk,
+                            at::Tensor& dv, int64_t window, double scale);
+
 template <typename A> __host__ __device__ constexpr A log2e() { return A(1.4426950408889634); }
 template <typename A> __host__ __device__ constexpr A ln2() { return A(0.6931471805599453); }
 
@@ -521,6 +530,8 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& q_, const at::Tensor
   at::Tensor y = new_output(v.sizes(), v.options());
   at::Tensor lse = new_output({s.B, s.G, s.H, s.W}, q.options().dtype(acc_dtype(q.scalar_type())));
   if (lse.numel() == 0) return {y, lse};
+  if (attention_uses_tensor_cores(q, v, window, distance) && attention_forward_mma(q, k, v, y, lse, window, scale))
+    return {y, lse};
   const int ws = int(window);
   const at::Tensor knorm = distance ? pixel_norms(k) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "circatt_attention_forward", [&] {
@@ -580,6 +591,9 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& q_, const at::Tenso
           L2.data_ptr<A>(), D.data_ptr<A>(), int(s.C), int(s.Cv), HW, total, distance, A(scale));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
+    if (attention_uses_tensor_cores(q, v, window, distance) &&
+        attention_backward_mma(q, k, v, dy, L2, D, dq, dk, dv, window, scale))
+      return;
     if (dq.numel() > 0) {
       const int NG = groups_for(s.C, RC);
       auto kernel = attn_bwd_dq_kernel<scalar_t, RC>;

@@ -13,6 +13,8 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& q, const at::Tensor
                                            const at::Tensor& y, const at::Tensor& lse, const at::Tensor& dy,
                                            int64_t window, bool distance, double scale);
 void set_poison_outputs(bool on);
+void set_tensor_cores(bool on);
+bool attention_uses_tensor_cores(const at::Tensor& q, const at::Tensor& v, int64_t window, bool distance);
 }  // namespace circatt
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -29,6 +31,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "gradients [dq, dk, dv] of the fused attention, recomputing the weights from q, k and lse", py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("y"), py::arg("lse"), py::arg("dy"), py::arg("window"),
         py::arg("distance"), py::arg("scale"));
+  m.def("_set_tensor_cores", &circatt::set_tensor_cores,
+        "testing and benchmarking aid: allow (default) or forbid the tensor-core attention forward", py::arg("on"));
+  m.def("_attention_uses_tensor_cores", &circatt::attention_uses_tensor_cores,
+        "whether attention_forward of these (B, G, C, H, W) q and (B, G, Cv, H, W) v takes the tensor-core kernel",
+        py::arg("q"), py::arg("v"), py::arg("window"), py::arg("distance"));
   m.def("_set_poison_outputs", &circatt::set_poison_outputs,
         "testing aid: allocate every output filled with NaN, so that unwritten entries show", py::arg("on"));
 }
