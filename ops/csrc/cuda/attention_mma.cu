@@ -1,15 +1,16 @@
-// Tensor-core forward of the fused attention (dot similarity, sm_80+), FlashAttention's online
-// softmax per window row with float32 accumulation: mma.sync m16n8k16 for float16 and bfloat16, and
-// m16n8k8 TF32 for float32 when torch.backends.cuda.matmul.allow_tf32 is on (q and P rounded to
-// TF32, k and v read as TF32, that is truncated).
+// Tensor-core kernels of the fused attention (dot similarity, sm_80+), float32 accumulation:
+// mma.sync m16n8k16 for float16 and bfloat16, and m16n8k8 TF32 for float32 when
+// torch.backends.cuda.matmul.allow_tf32 is on (q and P rounded to TF32, ring operands read as TF32,
+// that is truncated). The forward (FlashAttention's online softmax per window row), dq, and dk/dv.
 //
-// A block of kWarps warps owns kWarps x 16 query pixels (a warp: 16 consecutive pixels of one
-// image row, the M of the mma). For window row a, warp w needs halo row w + a: the keys of image
-// row i0 + w + a - r (wrapped), columns j0 - r .. j0 - r + NK - 1 (wrapped), NK = 16 * chunks >=
-// 16 + ws - 1. Each such row is one dense 16 x NK product with q and one NK x Cv product with v;
-// the window band inside it (window column c = halo column - query column, 0 <= c < ws) is
-// masked to -inf. The rows live in a ring of kWarps + 1 slots of k and v, filled by 16-byte
-// cp.async one row ahead.
+// A block of kWarps warps owns kWarps x 16 pixels (a warp: 16 consecutive pixels of one image row,
+// the M of the mma). For window row a, warp w needs halo row w + a: image row i0 + w + a - r
+// (wrapped), columns j0 - r .. j0 - r + NK - 1 (wrapped), NK = 16 * chunks >= 16 + ws - 1. Against
+// such a row the window is a band of a dense 16 x NK product (window column c = halo column -
+// pixel column, 0 <= c < ws), masked. Halo rows live in a ring of kWarps + 1 slots, filled by
+// 16-byte cp.async one row ahead. The forward and dq kernels own queries and ring k and v; the dk/dv
+// kernel owns keys and rings q, dy, L2 and D: by the window's symmetry, the queries that see a key
+// lie in the same halo rows and the same band.
 //
 // Alignment: the halo starts at a multiple of 8 columns (j0 = r mod 8 + 16 t, W a multiple of 8),
 // so every 16-byte piece of a row (8 or 4 columns) is one aligned copy even where the row wraps.
@@ -20,8 +21,8 @@
 // keys 2t and 2t + 1, so P v sums over the keys of each 8-key tile in the order (0, 2, 4, 6, 1, 3,
 // 5, 7): P needs no shuffle, and v's B fragment is one 8-byte load of keys 2t, 2t + 1.
 //
-// Outputs are those of attn_fwd_kernel: y (B, G, Cv, H, W) and the float32 natural log-sum-exp of
-// scale * S per query, so the backward is shared.
+// Outputs match the scalar kernels': y (B, G, Cv, H, W) and the float32 natural log-sum-exp of
+// scale * S per query (so either backward can follow either forward), and dq, dk, dv.
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 
@@ -31,7 +32,7 @@ namespace circatt {
 
 namespace {
 
-constexpr int kWarps = 4;                  // query rows of a block
+constexpr int kWarps = 4;                  // image rows of a block
 constexpr int kMmaThreads = kWarps * 32;
 constexpr int kSlots = kWarps + 1;         // ring slots
 constexpr int kMaxChunks = 4;              // 16-key chunks of a halo row: ws <= 49
@@ -400,7 +401,8 @@ __global__ void __launch_bounds__(kMmaThreads)
   store_tile<T, CV>(y + plane * CV * HW, o, inv, HW, tl.row, W, tl.j0, tl.jt, g, t);
   if (t == 0)
     for (int h = 0; h < 2; ++h)
-      if (tl.jt + g + 8 * h < W) lse[plane * HW + int64_t(tl.row) * W + tl.col(h, W)] = 0.6931471805599453f * (m[h] + log2f(l[h]));
+      if (tl.jt + g + 8 * h < W)
+        lse[plane * HW + int64_t(tl.row) * W + tl.col(h, W)] = 0.6931471805599453f * (m[h] + log2f(l[h]));
 #endif
 }
 

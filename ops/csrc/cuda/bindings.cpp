@@ -32,9 +32,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("k"), py::arg("v"), py::arg("y"), py::arg("lse"), py::arg("dy"), py::arg("window"),
         py::arg("distance"), py::arg("scale"));
   m.def("_set_tensor_cores", &circatt::set_tensor_cores,
-        "testing and benchmarking aid: allow (default) or forbid the tensor-core attention forward", py::arg("on"));
+        "testing and benchmarking aid: allow (default) or forbid the tensor-core attention kernels", py::arg("on"));
   m.def("_attention_uses_tensor_cores", &circatt::attention_uses_tensor_cores,
-        "whether attention_forward of these (B, G, C, H, W) q and (B, G, Cv, H, W) v takes the tensor-core kernel",
+        "whether the fused attention of these (B, G, C, H, W) q and (B, G, Cv, H, W) v takes the tensor-core kernels",
         py::arg("q"), py::arg("v"), py::arg("window"), py::arg("distance"));
   m.def("_set_poison_outputs", &circatt::set_poison_outputs,
         "testing aid: allocate every output filled with NaN, so that unwritten entries show", py::arg("on"));
