@@ -166,7 +166,7 @@ class Settings:
     model_tiled: bool
     model_min_runs: int
     quick: bool
-    tf32: bool = False
+    tf32: bool
 
 
 def cases_for(settings: Settings) -> list[Case]:
@@ -551,7 +551,7 @@ def _settings(**o) -> Settings:
 
     ops = _choices(o["ops"], OPS + ("model",), "--ops")
     dtypes = tuple(DTYPES[d] for d in _choices(pick("dtype", "float32,bfloat16" if device.type == "cuda" else "float32"), tuple(DTYPES), "--dtype"))
-    if device.type == "cpu" and o.get("tf32"):
+    if device.type == "cpu" and o["tf32"]:
         raise typer.BadParameter("TF32 is a CUDA matmul mode; drop --tf32 on the CPU", param_hint="--tf32")
     if device.type == "cpu" and torch.bfloat16 in dtypes:
         raise typer.BadParameter("bfloat16 is CUDA-only in circatt_ops; use --dtype float32 on the CPU", param_hint="--dtype")
@@ -568,7 +568,7 @@ def _settings(**o) -> Settings:
         budget_s=QUICK["budget"] if quick else 2.0, seed=o["seed"], model="model" in ops,
         model_sizes=_sizes(pick("model_sizes", MODEL_SIZES[device.type]), "--model-sizes"),
         model_kinds=(DEFAULT_PRESET,) if quick else tuple(PRESETS), model_tiled=not quick,
-        model_min_runs=1 if quick else MIN_RUNS, quick=quick, tf32=bool(o.get("tf32")),
+        model_min_runs=1 if quick else MIN_RUNS, quick=quick, tf32=o["tf32"],
     )
 
 
@@ -609,7 +609,19 @@ def run_bench(
     settings: Settings, console: Console, after_group: Callable[[list[Row], Ceilings], None] | None = None
 ) -> tuple[list[Row], Ceilings]:
     """Build the kernels, measure the ceilings, then every group and the model rows; `after_group` gets
-    the rows so far after each group (the command saves them, so that a run cut off keeps its rows)."""
+    the rows so far after each group (the command saves them, so that a run cut off keeps its rows).
+    TF32 is allowed for the whole run exactly when `settings.tf32` (restored after)."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = settings.tf32
+    try:
+        return _run_bench(settings, console, after_group)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _run_bench(
+    settings: Settings, console: Console, after_group: Callable[[list[Row], Ceilings], None] | None
+) -> tuple[list[Row], Ceilings]:
     peers = [p for p in all_peers(settings.device) if settings.impls is None or p.name in settings.impls]
     t0 = time.perf_counter()
     try:
@@ -656,7 +668,7 @@ def bench(
     csv_path: Path = typer.Option(None, "--csv", help="Write every row as CSV.", dir_okay=False),
     plot_path: Path = typer.Option(None, "--plot", help="Write a log-log PNG of time against image size.", dir_okay=False),
     baseline_path: Path = typer.Option(None, "--baseline", help="A previous run's --json (another build, say): each row it also timed (same shape, op, pass, dtype and implementation) shows its time there over ours now.", dir_okay=False),
-    tf32: bool = typer.Option(False, "--tf32", help="Allow TF32 in float32 matmuls for every implementation alike (torch.backends.cuda.matmul.allow_tf32: our attention forward, Flex, SDPA, the reference); float32 floors then use the TF32 rate."),
+    tf32: bool = typer.Option(False, "--tf32", help="Allow TF32 in float32 matmuls for every implementation alike (torch.backends.cuda.matmul.allow_tf32: our fused attention, Flex, SDPA, the reference); float32 floors then use the TF32 rate."),
 ) -> None:
     """Time the circulant attention ops, the peers and the denoiser; tables, JSON, CSV and a plot."""
     if plot_path is not None and plot_path.suffix.lower() != ".png":
@@ -669,7 +681,6 @@ def bench(
         model_sizes=model_sizes, repeat=repeat, warmup=warmup, seed=seed, quick=quick, tf32=tf32,
     )
     _check_selection(settings)
-    torch.backends.cuda.matmul.allow_tf32 = tf32
     console = Console()
     if not console.is_terminal:
         console = Console(width=170)
@@ -681,7 +692,7 @@ def bench(
         meta = {
             "device": name, "torch": torch.__version__, "cuda": torch.version.cuda, "circatt": __version__,
             "python": platform.python_version(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "seconds": round(time.perf_counter() - started, 2), "tf32": torch.backends.cuda.matmul.allow_tf32,
+            "seconds": round(time.perf_counter() - started, 2), "tf32": settings.tf32,
             "complete": complete, "settings": {k: str(v) for k, v in asdict(settings).items()},
         }
         if baseline is not None:

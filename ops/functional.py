@@ -76,9 +76,10 @@ def attention(
 
     Without `return_adjacency` the weights are never stored: the backward recomputes them from the
     saved per-row log-sum-exp (FlashAttention's recipe). With it, returns `(y, A)`. On CUDA (sm_80+)
-    the forward of dot attention runs on tensor cores for float16 and bfloat16, and for float32 when
-    `torch.backends.cuda.matmul.allow_tf32` is on (TF32 operands, float32 accumulation), for heads
-    of 16, 32, 64 or 128 channels, widths divisible by 8 and windows up to 49.
+    dot attention runs on tensor cores, forward and backward, for float16 and bfloat16 heads of 16,
+    32, 64 or 128 channels, and for float32 heads of up to 64 when
+    `torch.backends.cuda.matmul.allow_tf32` is on (TF32 operands, float32 accumulation); the width
+    must be divisible by 8 and the window at most 49. Other cases take the scalar kernels.
 
     Args:
         q, k: (B, C, H, W); v: (B, Cv, H, W), Cv divisible by heads (may be complex).

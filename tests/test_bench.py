@@ -202,7 +202,7 @@ class _OffByOne(CirculantPeer):
 def test_a_wrong_implementation_is_marked_and_not_timed(mode):
     settings = bench._settings(
         device="cpu", ops="attention", shapes=None, sizes=None, windows=None, dtype=None, modes=mode, impls=None,
-        model_sizes=None, repeat=3, warmup=1, seed=0, quick=True,
+        model_sizes=None, repeat=3, warmup=1, seed=0, quick=True, tf32=False,
     )
     group = bench.Group(Case("t", 1, 8, 9, 7, 3, 2, "distance"), "attention", mode, torch.float32)
     rows = bench.bench_group(group, [CirculantPeer("reference"), _OffByOne()], settings, ceilings=None)
