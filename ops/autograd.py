@@ -148,28 +148,66 @@ def _attention_backward_composed(
     return dq, dk, dv
 
 
+def _fused_forward(
+    backend: ModuleType, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, distance: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, lse) for real (B, G, Ch, H, W) operands: the backend's fused kernels, or the composed primitives."""
+    if hasattr(backend, "attention_forward"):
+        return backend.attention_forward(q, k, v, window, distance, scale)
+    return _attention_forward_composed(backend, q, k, v, window, distance, scale)
+
+
+def _split_real(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, C, H, W), real or complex -> real (B, heads, C // heads or twice that, H, W)."""
+    B, C, H, W = x.shape
+    return as_real(x.reshape(B, heads, C // heads, H, W))
+
+
+def _merge(x: torch.Tensor, like: tuple[torch.Size, bool]) -> torch.Tensor:
+    """Inverse of _split_real, for a result of `like` = (shape, is_complex) of the (B, C, H, W) original."""
+    shape, is_complex = like
+    return from_real(x, is_complex).reshape(shape)
+
+
+def _like(x: torch.Tensor) -> tuple[torch.Size, bool]:
+    return x.shape, x.is_complex()
+
+
 class AttentionFn(torch.autograd.Function):
-    """Fused softmax(scale * S) v: keeps the per-row log-sum-exp and recomputes the weights in the backward."""
+    """Fused softmax(scale * S) v on (B, C, H, W) inputs split into heads: keeps the per-row log-sum-exp
+    and recomputes the weights in the backward. The heads are split inside, so that a call is one
+    autograd node (views outside would add a node each to every backward)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, window: int, distance: bool, scale: float, backend: ModuleType):
-        rq, rk, rv = as_real(q), as_real(k), as_real(v)
-        if hasattr(backend, "attention_forward"):
-            y, lse = backend.attention_forward(rq, rk, rv, window, distance, scale)
-        else:
-            y, lse = _attention_forward_composed(backend, rq, rk, rv, window, distance, scale)
+    def forward(ctx, q, k, v, window: int, distance: bool, scale: float, heads: int, backend: ModuleType):
+        rq, rk, rv = (_split_real(t, heads) for t in (q, k, v))
+        y, lse = _fused_forward(backend, rq, rk, rv, window, distance, scale)
         ctx.save_for_backward(rq, rk, rv, y, lse)
-        ctx.args = (window, distance, scale, backend, q.is_complex(), v.is_complex())
-        return from_real(y, v.is_complex())
+        ctx.args = (window, distance, scale, heads, backend)
+        ctx.likes = (_like(q), _like(v))
+        return _merge(y, _like(v))
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
         rq, rk, rv, y, lse = ctx.saved_tensors
-        window, distance, scale, backend, q_complex, v_complex = ctx.args
-        rdy = as_real(dy)
+        window, distance, scale, heads, backend = ctx.args
+        q, v = ctx.likes
+        rdy = _split_real(dy, heads)
         if hasattr(backend, "attention_backward"):
             dq, dk, dv = backend.attention_backward(rq, rk, rv, y, lse, rdy, window, distance, scale)
         else:
             dq, dk, dv = _attention_backward_composed(backend, rq, rk, rv, y, lse, rdy, window, distance, scale)
-        return from_real(dq, q_complex), from_real(dk, q_complex), from_real(dv, v_complex), None, None, None, None
+        return _merge(dq, q), _merge(dk, q), _merge(dv, v), None, None, None, None, None
+
+
+def fused_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, distance: bool, scale: float, heads: int,
+    backend: ModuleType,
+) -> torch.Tensor:
+    """softmax(scale * S) v for (B, C, H, W) inputs: through AttentionFn where a gradient may be asked
+    for, else straight to the kernels (an autograd Function costs host time that small calls feel)."""
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return AttentionFn.apply(q, k, v, window, distance, scale, heads, backend)
+    y, _ = _fused_forward(backend, *(_split_real(t, heads) for t in (q, k, v)), window, distance, scale)
+    return _merge(y, _like(v))

@@ -9,7 +9,7 @@ import torch
 
 from . import backends
 from ._checks import check_inputs, check_operand, split_heads
-from .autograd import AttentionFn, SimilarityFn
+from .autograd import SimilarityFn, fused_attention
 from .circulant import Circulant
 
 
@@ -77,9 +77,11 @@ def attention(
     Without `return_adjacency` the weights are never stored: the backward recomputes them from the
     saved per-row log-sum-exp (FlashAttention's recipe). With it, returns `(y, A)`. On CUDA (sm_80+)
     dot attention runs on tensor cores, forward and backward, for float16 and bfloat16 heads of 16,
-    32, 64 or 128 channels, and for float32 heads of up to 64 when
-    `torch.backends.cuda.matmul.allow_tf32` is on (TF32 operands, float32 accumulation); the width
-    must be divisible by 8 and the window at most 49. Other cases take the scalar kernels.
+    32, 64 or 128 channels, and for float32 heads of up to 64: as TF32 when
+    `torch.backends.cuda.matmul.allow_tf32` is on, else with every operand split into two TF32 parts
+    (errors a few times the IEEE kernels', about 1e-6 of the output's size); float32 accumulation
+    throughout. The width must be divisible by 8 and the window at most 49. Other cases take the
+    scalar kernels.
 
     Args:
         q, k: (B, C, H, W); v: (B, Cv, H, W), Cv divisible by heads (may be complex).
@@ -98,7 +100,4 @@ def attention(
         y = A.apply(v, backend)
         return (y, A) if return_adjacency else y
     impl = backends.resolve(backend, q.device)
-    y = AttentionFn.apply(
-        split_heads(q, heads), split_heads(k, heads), split_heads(v, heads), window, kind == "distance", float(scale), impl
-    )
-    return y.reshape(v.shape)
+    return fused_attention(q, k, v, window, kind == "distance", float(scale), heads, impl)

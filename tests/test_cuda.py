@@ -237,14 +237,58 @@ def test_tf32_attention(shape, tf32):
         torch.testing.assert_close(_hi(got.grad), want.grad, **tol)
 
     args = [q, k, v, window, False, ch**-0.5]
-    y_mma, lse_mma = kernels.attention_forward(*args)
-    torch.backends.cuda.matmul.allow_tf32 = False  # the flag alone sends float32 back to the scalar kernel
-    assert not kernels._attention_uses_tensor_cores(q, v, window, False)
-    y_simt, lse_simt = kernels.attention_forward(*args)
-    torch.testing.assert_close(lse_mma, lse_simt, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(y_mma, y_simt, **tol)
+    y_tf32, lse_tf32 = kernels.attention_forward(*args)
+    torch.backends.cuda.matmul.allow_tf32 = False  # the flag alone switches float32 to the split path
+    assert kernels._attention_uses_tensor_cores(q, v, window, False)
+    y_split, lse_split = kernels.attention_forward(*args)
+    torch.testing.assert_close(lse_tf32, lse_split, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(y_tf32, y_split, **tol)
     if window > 1:  # the two paths differ where P is not exactly 1: TF32 rounding shows
-        assert not torch.equal(y_mma, y_simt)
+        assert not torch.equal(y_tf32, y_split)
+
+
+def _attention_errors(flat, dy, window, heads, ref, ref_grads):
+    """Largest absolute error of y, dq, dk and dv of one CUDA fwd+bwd against the float64 reference."""
+    leaves = [t.detach().clone().requires_grad_() for t in flat]
+    poison_allocator("cuda")
+    y = ca.attention(*leaves, window, heads=heads, backend="cuda")
+    poison_allocator("cuda")
+    y.backward(dy)
+    outs = [y.detach()] + [t.grad for t in leaves]
+    assert all(torch.isfinite(o).all() for o in outs), "an output was left unwritten"
+    return [(_hi(o) - w).abs().max().item() for o, w in zip(outs, [ref] + ref_grads)]
+
+
+@pytest.mark.parametrize("shape", [s for s in MMA_SHAPES if s[2] <= 64])
+def test_split_tf32_attention(shape):
+    """float32 without TF32 runs on tensor cores with each operand split into two TF32 parts: on
+    random float32 inputs its errors against float64 stay within 10x the scalar IEEE kernel's, or
+    2e-5 of the output's size (measured at S1: 4-7x, 3e-6-5e-6; TF32 alone: 1e-3-2e-3)."""
+    B, heads, ch, H, W, window = shape
+    kernels = _kernels()
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        q, k, v = (torch.randn(B, heads, ch, H, W, device="cuda") for _ in range(3))
+        assert kernels._attention_uses_tensor_cores(q, v, window, False)
+        flat = [t.reshape(B, heads * ch, H, W) for t in (q, k, v)]
+        dy = torch.randn_like(flat[2])
+        leaves = [_hi(t).requires_grad_() for t in flat]
+        ref = ca.attention(*leaves, window, heads=heads, backend="reference")
+        ref.backward(_hi(dy))
+        ref_grads = [t.grad for t in leaves]
+        split = _attention_errors(flat, dy, window, heads, ref.detach(), ref_grads)
+        kernels._set_tensor_cores(False)
+        try:
+            ieee = _attention_errors(flat, dy, window, heads, ref.detach(), ref_grads)
+        finally:
+            kernels._set_tensor_cores(True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+    for name, got, base, want in zip(("y", "dq", "dk", "dv"), split, ieee, [ref] + ref_grads):
+        size = want.abs().max().item()
+        assert got <= max(10 * base, 2e-5 * size), f"{name}: split TF32 error {got:.3g}, IEEE kernel {base:.3g}"
+        assert base <= 1e-4 * size, f"{name}: IEEE kernel error {base:.3g}"
 
 
 def test_tensor_core_attention_declines():
@@ -254,13 +298,12 @@ def test_tensor_core_attention_declines():
     assert kernels._attention_uses_tensor_cores(x, x, 15, False)
     saved = torch.backends.cuda.matmul.allow_tf32
     try:
-        torch.backends.cuda.matmul.allow_tf32 = False
-        assert not kernels._attention_uses_tensor_cores(x.float(), x.float(), 15, False)  # float32 without TF32
-        torch.backends.cuda.matmul.allow_tf32 = True
-        assert kernels._attention_uses_tensor_cores(x.float(), x.float(), 15, False)
+        for tf32 in (False, True):  # float32 takes them either way: TF32, or split into two TF32 parts
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            assert kernels._attention_uses_tensor_cores(x.float(), x.float(), 15, False)
+            wide = torch.randn(1, 1, 128, 8, 8, device="cuda")
+            assert not kernels._attention_uses_tensor_cores(wide, wide, 15, False)  # float32 heads of 128
         assert not kernels._attention_uses_tensor_cores(x.double(), x.double(), 15, False)
-        wide = torch.randn(1, 1, 128, 8, 8, device="cuda")
-        assert not kernels._attention_uses_tensor_cores(wide, wide, 15, False)  # float32 heads of 128
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved
     assert not kernels._attention_uses_tensor_cores(x[..., :52].contiguous(), x[..., :52].contiguous(), 15, False)  # W % 8

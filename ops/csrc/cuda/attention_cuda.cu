@@ -213,11 +213,13 @@ __global__ void __launch_bounds__(kThreads)
     A d = A(0);
     const T* yp = y + plane * Cv * HW + n;
     const T* dyp = dy + plane * Cv * HW + n;
+#pragma unroll 8  // eight load pairs in flight: a thread a pixel is latency-bound on this loop
     for (int c = 0; c < Cv; ++c) d += static_cast<A>(dyp[c * HW]) * static_cast<A>(yp[c * HW]);
     A l2 = lse[idx] * log2e<A>();
     if (dist) {
       const T* qp = q + plane * C * HW + n;
       A nq = A(0);
+#pragma unroll 8
       for (int c = 0; c < C; ++c) {
         const A t = static_cast<A>(qp[c * HW]);
         nq += t * t;

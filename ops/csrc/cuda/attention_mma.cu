@@ -1,7 +1,9 @@
 // Tensor-core kernels of the fused attention (dot similarity, sm_80+), float32 accumulation:
-// mma.sync m16n8k16 for float16 and bfloat16, and m16n8k8 TF32 for float32 when
+// mma.sync m16n8k16 for float16 and bfloat16, and m16n8k8 TF32 for float32: plain TF32 when
 // torch.backends.cuda.matmul.allow_tf32 is on (q and P rounded to TF32, ring operands read as TF32,
-// that is truncated). The forward (FlashAttention's online softmax per window row), dq, and dk/dv.
+// that is truncated), else every operand split into two TF32 parts (Tf32Mma<true>: three mmas a
+// product, float32's accuracy within a few times). The forward (FlashAttention's online softmax per
+// window row), dq, and dk/dv.
 //
 // A block of kWarps warps owns kWarps x 16 pixels (a warp: 16 consecutive pixels of one image row,
 // the M of the mma). For window row a, warp w needs halo row w + a: image row i0 + w + a - r
@@ -128,6 +130,7 @@ __device__ __forceinline__ unsigned tf32(float x) {
 // S = q k^T, and one 16-key chunk of o += P v. k and v rows are [ch][rs] in shared memory.
 template <typename T>
 struct HalfMma {
+  using Elem = T;
   static constexpr int kK = 16;
 
   template <int C>
@@ -174,8 +177,59 @@ struct HalfMma {
   }
 };
 
+// float32 on tensor cores, m16n8k8 TF32. Split = false (allow_tf32): q and P rounded to TF32, the
+// ring operands read as TF32 (truncated). Split = true: every operand x is hi + lo, both TF32, and a b
+// sums lo_a hi_b + hi_a lo_b + hi_a hi_b (lo_a lo_b is below float32's rounding): float32's accuracy
+// for three mmas a product. Fragments then hold the raw float32 bits, split where they are used.
+template <bool Split>
 struct Tf32Mma {
+  using Elem = float;
   static constexpr int kK = 8;
+
+  // A fragment register as it is kept: TF32, or float32 bits to split at each use.
+  static __device__ __forceinline__ unsigned keep(float x) { return Split ? __float_as_uint(x) : tf32(x); }
+
+  static __device__ __forceinline__ void split(float x, unsigned& hi, unsigned& lo) {
+    hi = tf32(x);
+    lo = tf32(x - __uint_as_float(hi));
+  }
+  // The same, kept where it is written: an A fragment is reused across every window row, and a split
+  // hoisted out of those loops would hold twice its registers (and spill at 64 channels).
+  static __device__ __forceinline__ void split_here(float x, unsigned& hi, unsigned& lo) {
+    asm volatile("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(hi) : "f"(x));
+    const float rest = x - __uint_as_float(hi);
+    asm volatile("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(lo) : "f"(rest));
+  }
+
+  // An A fragment ready for the mmas: its hi and lo parts (lo only when split).
+  struct A {
+    unsigned hi[4], lo[4];
+  };
+  static __device__ __forceinline__ A prepare(const unsigned (&a)[4]) {
+    A r;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      if constexpr (Split)
+        split_here(__uint_as_float(a[i]), r.hi[i], r.lo[i]);
+      else
+        r.hi[i] = r.lo[i] = a[i];
+    }
+    return r;
+  }
+
+  // d += a b for one 8x8 B tile given as two float32 values a thread.
+  static __device__ __forceinline__ void mma(float (&d)[4], const A& a, float b0, float b1) {
+    if constexpr (Split) {
+      unsigned h0, l0, h1, l1;
+      split(b0, h0, l0);
+      split(b1, h1, l1);
+      mma1688(d, a.lo, h0, h1);
+      mma1688(d, a.hi, l0, l1);
+      mma1688(d, a.hi, h0, h1);
+    } else {
+      mma1688(d, a.hi, __float_as_uint(b0), __float_as_uint(b1));
+    }
+  }
 
   template <int C>
   static __device__ __forceinline__ void load_q(unsigned (&qa)[C / kK][4], const float* qb, int64_t HW, int64_t p0,
@@ -183,10 +237,10 @@ struct Tf32Mma {
 #pragma unroll
     for (int s = 0; s < C / kK; ++s) {
       const float* a = qb + int64_t(8 * s + t) * HW + p0;
-      qa[s][0] = tf32(a[c0]);
-      qa[s][1] = tf32(a[c1]);
-      qa[s][2] = tf32(a[4 * HW + c0]);
-      qa[s][3] = tf32(a[4 * HW + c1]);
+      qa[s][0] = keep(a[c0]);
+      qa[s][1] = keep(a[c1]);
+      qa[s][2] = keep(a[4 * HW + c0]);
+      qa[s][3] = keep(a[4 * HW + c1]);
     }
   }
 
@@ -196,9 +250,10 @@ struct Tf32Mma {
     const int g = lane >> 2, t = lane & 3;
 #pragma unroll
     for (int st = 0; st < C / kK; ++st) {
+      const A a = prepare(qa[st]);
       const float* b = kr + (8 * st + t) * rs + 16 * c + g;
-      mma1688(s[0], qa[st], __float_as_uint(b[0]), __float_as_uint(b[4 * rs]));
-      mma1688(s[1], qa[st], __float_as_uint(b[8]), __float_as_uint(b[4 * rs + 8]));
+      mma(s[0], a, b[0], b[4 * rs]);
+      mma(s[1], a, b[8], b[4 * rs + 8]);
     }
   }
 
@@ -208,18 +263,16 @@ struct Tf32Mma {
     const int g = lane >> 2, t = lane & 3;
 #pragma unroll
     for (int n = 0; n < 2; ++n) {
-      const unsigned pa[4] = {tf32(p[n][0]), tf32(p[n][2]), tf32(p[n][1]), tf32(p[n][3])};
+      const unsigned pk[4] = {keep(p[n][0]), keep(p[n][2]), keep(p[n][1]), keep(p[n][3])};
+      const A a = prepare(pk);
 #pragma unroll
       for (int m = 0; m < CV / 8; ++m) {
         const float2 b = *reinterpret_cast<const float2*>(vr + (8 * m + g) * rs + 16 * c + 8 * n + 2 * t);
-        mma1688(o[m], pa, __float_as_uint(b.x), __float_as_uint(b.y));
+        mma(o[m], a, b.x, b.y);
       }
     }
   }
 };
-
-template <typename T>
-using MmaOps = std::conditional_t<std::is_same_v<T, float>, Tf32Mma, HalfMma<T>>;
 
 // ---------------------------------------------------------------- the kernel
 
@@ -307,12 +360,11 @@ __device__ __forceinline__ void walk_window_rows(const Tile& tl, int H, int ws, 
   asm volatile("cp.async.wait_all;\n" ::: "memory");
 }
 
-template <typename T, int C, int CV>
+template <typename Ops, int C, int CV, typename T = typename Ops::Elem>
 __global__ void __launch_bounds__(kMmaThreads)
     attn_fwd_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                         T* __restrict__ y, float* __restrict__ lse, int H, int W, int ws, int tiles_j, float scale) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  using Ops = MmaOps<T>;
   extern __shared__ __align__(16) unsigned char smem[];
   const Tile tl(H, ws, tiles_j);
   const int rs = tl.rs, g = tl.g, t = tl.t;
@@ -408,13 +460,12 @@ __global__ void __launch_bounds__(kMmaThreads)
 
 // dq = scale * sum over the window of dS k, with P = exp2(log2e scale S - L2) and dS = P (dP - D),
 // dP = dy v^T: the forward's tiling (a warp: 16 queries), one 16-key chunk at a time (no running max).
-template <typename T, int C, int CV>
+template <typename Ops, int C, int CV, typename T = typename Ops::Elem>
 __global__ void __launch_bounds__(kMmaThreads)
     attn_bwd_dq_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                            const T* __restrict__ dy, const float* __restrict__ L2, const float* __restrict__ D,
                            T* __restrict__ dq, int H, int W, int ws, int tiles_j, float scale) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  using Ops = MmaOps<T>;
   extern __shared__ __align__(16) unsigned char smem[];
   const Tile tl(H, ws, tiles_j);
   const int rs = tl.rs, g = tl.g, t = tl.t;
@@ -465,13 +516,12 @@ __global__ void __launch_bounds__(kMmaThreads)
 // dk = scale * sum of dS^T q and dv = sum of P^T dy over the queries whose windows hold the key: a
 // warp owns 16 keys, and by the window's symmetry its halo rows of q, dy, L2 and D are the forward's
 // rows and columns with the same band.
-template <typename T, int C, int CV>
+template <typename Ops, int C, int CV, typename T = typename Ops::Elem>
 __global__ void __launch_bounds__(kMmaThreads)
     attn_bwd_dkdv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                              const T* __restrict__ dy, const float* __restrict__ L2, const float* __restrict__ D,
                              T* __restrict__ dk, T* __restrict__ dv, int H, int W, int ws, int tiles_j, float scale) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  using Ops = MmaOps<T>;
   extern __shared__ __align__(16) unsigned char smem[];
   const Tile tl(H, ws, tiles_j);
   const int rs = tl.rs, g = tl.g, t = tl.t;
@@ -541,23 +591,26 @@ void launch_tiles(Kernel kernel, int smem, const at::Tensor& q, int ws, double s
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// fn(T{}, std::integral_constant<int, C>{}) for q's dtype T and head size C.
+bool tf32_allowed() { return at::globalContext().allowTF32CuBLAS(); }
+
+// fn(Ops{}, std::integral_constant<int, C>{}) for q's dtype (float32: TF32 when allowed, else split) and
+// head size C.
 template <typename Fn>
 void dispatch(const at::Tensor& q, const Fn& fn) {
-  auto heads = [&](auto type) {
+  auto heads = [&](auto ops) {
     switch (q.size(2)) {
-      case 16: return fn(type, std::integral_constant<int, 16>{});
-      case 32: return fn(type, std::integral_constant<int, 32>{});
-      case 64: return fn(type, std::integral_constant<int, 64>{});
+      case 16: return fn(ops, std::integral_constant<int, 16>{});
+      case 32: return fn(ops, std::integral_constant<int, 32>{});
+      case 64: return fn(ops, std::integral_constant<int, 64>{});
       default:
-        if constexpr (!std::is_same_v<decltype(type), float>)  // TF32 takes heads of at most 64
-          return fn(type, std::integral_constant<int, 128>{});
+        if constexpr (!std::is_same_v<typename decltype(ops)::Elem, float>)  // float32 takes heads of at most 64
+          return fn(ops, std::integral_constant<int, 128>{});
     }
   };
   switch (q.scalar_type()) {
-    case at::kBFloat16: return heads(at::BFloat16{});
-    case at::kHalf: return heads(at::Half{});
-    default: return heads(float{});
+    case at::kBFloat16: return heads(HalfMma<at::BFloat16>{});
+    case at::kHalf: return heads(HalfMma<at::Half>{});
+    default: return tf32_allowed() ? heads(Tf32Mma<false>{}) : heads(Tf32Mma<true>{});
   }
 }
 
@@ -568,18 +621,14 @@ bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_
 bool attention_uses_tensor_cores(const at::Tensor& q, const at::Tensor& v, int64_t window, bool distance) {
   const auto st = q.scalar_type();
   const int64_t C = q.size(2), W = q.size(4);
-  const bool half = st == at::kHalf || st == at::kBFloat16;
-  const bool tf32 = st == at::kFloat && at::globalContext().allowTF32CuBLAS();
-  if (!tensor_cores_enabled() || distance || !(half || tf32)) return false;
+  if (!tensor_cores_enabled() || distance || !(st == at::kHalf || st == at::kBFloat16 || st == at::kFloat))
+    return false;
   if (v.size(2) != C || (C != 16 && C != 32 && C != 64 && C != 128) || W % 8 != 0) return false;
-  if (tf32 && C > 64) return false;  // 128 channels of float32 fragments spill the dk/dv kernel's registers
+  if (st == at::kFloat && C > 64) return false;  // 128 channels of float32 fragments spill the dk/dv kernel
   if (chunks_for(int(window)) > kMaxChunks) return false;
   const SmLimits d = sm_limits();
   if (dkdv_smem_bytes(int(C), int(C), int(window), int(q.element_size())) > d.smem_per_block) return false;
-  int dev = 0, major = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-  return major >= 8;
+  return d.major >= 8;
 }
 
 // q, k, v contiguous (B, G, C, H, W) with attention_uses_tensor_cores true; k and v 16-byte aligned
@@ -588,10 +637,11 @@ bool attention_forward_mma(const at::Tensor& q, const at::Tensor& k, const at::T
                            at::Tensor& lse, int64_t window, double scale) {
   if (!aligned16(k) || !aligned16(v)) return false;
   const int ws = int(window);
-  dispatch(q, [&](auto type, auto heads) {
-    using T = decltype(type);
+  dispatch(q, [&](auto ops, auto heads) {
+    using Ops = decltype(ops);
+    using T = typename Ops::Elem;
     constexpr int C = decltype(heads)::value;
-    launch_tiles(attn_fwd_mma_kernel<T, C, C>, mma_smem_bytes(C, C, ws, int(sizeof(T))), q, ws, scale, in<T>(q),
+    launch_tiles(attn_fwd_mma_kernel<Ops, C, C>, mma_smem_bytes(C, C, ws, int(sizeof(T))), q, ws, scale, in<T>(q),
                  in<T>(k), in<T>(v), out<T>(y), lse.data_ptr<float>());
   });
   return true;
@@ -604,14 +654,15 @@ bool attention_backward_mma(const at::Tensor& q, const at::Tensor& k, const at::
                             at::Tensor& dv, int64_t window, double scale) {
   if (!aligned16(q) || !aligned16(k) || !aligned16(v) || !aligned16(dy)) return false;
   const int ws = int(window);
-  dispatch(q, [&](auto type, auto heads) {
-    using T = decltype(type);
+  dispatch(q, [&](auto ops, auto heads) {
+    using Ops = decltype(ops);
+    using T = typename Ops::Elem;
     constexpr int C = decltype(heads)::value;
     const float* l2 = L2.data_ptr<float>();
     const float* d = D.data_ptr<float>();
-    launch_tiles(attn_bwd_dq_mma_kernel<T, C, C>, mma_smem_bytes(C, C, ws, int(sizeof(T))), q, ws, scale, in<T>(q),
+    launch_tiles(attn_bwd_dq_mma_kernel<Ops, C, C>, mma_smem_bytes(C, C, ws, int(sizeof(T))), q, ws, scale, in<T>(q),
                  in<T>(k), in<T>(v), in<T>(dy), l2, d, out<T>(dq));
-    launch_tiles(attn_bwd_dkdv_mma_kernel<T, C, C>, dkdv_smem_bytes(C, C, ws, int(sizeof(T))), q, ws, scale,
+    launch_tiles(attn_bwd_dkdv_mma_kernel<Ops, C, C>, dkdv_smem_bytes(C, C, ws, int(sizeof(T))), q, ws, scale,
                  in<T>(q), in<T>(k), in<T>(v), in<T>(dy), l2, d, out<T>(dk), out<T>(dv));
   });
   return true;

@@ -468,6 +468,7 @@ struct SmLimits {
   int regs_per_sm;     // 32-bit registers
   int threads_per_sm;
   int blocks_per_sm;
+  int major;           // compute capability
 };
 
 inline SmLimits query_sm_limits(int dev) {
@@ -484,6 +485,7 @@ inline SmLimits query_sm_limits(int dev) {
   d.regs_per_sm = get(cudaDevAttrMaxRegistersPerMultiprocessor);
   d.threads_per_sm = get(cudaDevAttrMaxThreadsPerMultiProcessor);
   d.blocks_per_sm = get(cudaDevAttrMaxBlocksPerMultiprocessor);
+  d.major = get(cudaDevAttrComputeCapabilityMajor);
   return d;
 }
 
