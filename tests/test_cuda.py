@@ -200,6 +200,14 @@ def test_tensor_core_attention(shape, dtype):
     _close(y_mma.cpu(), y_simt.double().cpu(), dtype)
 
 
+def _reference_grads(flat, dy, window, heads):
+    """The float64 reference's y and (dq, dk, dv) for (B, C, H, W) inputs and upstream gradient dy."""
+    leaves = [_hi(t).requires_grad_() for t in flat]
+    ref = ca.attention(*leaves, window, heads=heads, backend="reference")
+    ref.backward(_hi(dy))
+    return ref.detach(), [t.grad for t in leaves]
+
+
 @pytest.fixture
 def tf32():
     """torch.backends.cuda.matmul.allow_tf32 on for the test, restored after."""
@@ -221,20 +229,18 @@ def test_tf32_attention(shape, tf32):
 
     flat = [t.reshape(B, heads * ch, H, W) for t in (q, k, v)]
     dy = torch.randn_like(flat[2])
-    leaves = [_hi(t).requires_grad_() for t in flat]
-    ref = ca.attention(*leaves, window, heads=heads, backend="reference")
-    ref.backward(_hi(dy))
+    ref, ref_grads = _reference_grads(flat, dy, window, heads)
     got_leaves = [t.detach().clone().requires_grad_() for t in flat]
     poison_allocator("cuda")
     y = ca.attention(*got_leaves, window, heads=heads, backend="cuda")
     tol = dict(rtol=2e-3, atol=2e-3)
     assert torch.isfinite(y).all()
-    torch.testing.assert_close(_hi(y.detach()), ref.detach(), **tol)
+    torch.testing.assert_close(_hi(y.detach()), ref, **tol)
     poison_allocator("cuda")
     y.backward(dy)
-    for got, want in zip(got_leaves, leaves):
+    for got, want in zip(got_leaves, ref_grads):
         assert torch.isfinite(got.grad).all()
-        torch.testing.assert_close(_hi(got.grad), want.grad, **tol)
+        torch.testing.assert_close(_hi(got.grad), want, **tol)
 
     args = [q, k, v, window, False, ch**-0.5]
     y_tf32, lse_tf32 = kernels.attention_forward(*args)
@@ -273,14 +279,11 @@ def test_split_tf32_attention(shape):
         assert kernels._attention_uses_tensor_cores(q, v, window, False)
         flat = [t.reshape(B, heads * ch, H, W) for t in (q, k, v)]
         dy = torch.randn_like(flat[2])
-        leaves = [_hi(t).requires_grad_() for t in flat]
-        ref = ca.attention(*leaves, window, heads=heads, backend="reference")
-        ref.backward(_hi(dy))
-        ref_grads = [t.grad for t in leaves]
-        split = _attention_errors(flat, dy, window, heads, ref.detach(), ref_grads)
+        ref, ref_grads = _reference_grads(flat, dy, window, heads)
+        split = _attention_errors(flat, dy, window, heads, ref, ref_grads)
         kernels._set_tensor_cores(False)
         try:
-            ieee = _attention_errors(flat, dy, window, heads, ref.detach(), ref_grads)
+            ieee = _attention_errors(flat, dy, window, heads, ref, ref_grads)
         finally:
             kernels._set_tensor_cores(True)
     finally:
