@@ -65,7 +65,8 @@ def _sources(device: str) -> list[Path]:
 
 
 def _headers(device: str) -> list[Path]:
-    return sorted(p for p in (CSRC / device).iterdir() if p.suffix in (".h", ".cuh"))
+    """The device's own headers and those both devices share (ops/csrc/*.h)."""
+    return sorted(p for folder in (CSRC / device, CSRC) for p in folder.iterdir() if p.suffix in (".h", ".cuh"))
 
 
 def _cuda_arch() -> str:
@@ -133,7 +134,7 @@ def load(device: str) -> ModuleType:
             extra_cflags=CPU_FLAGS,
             extra_ldflags=CPU_LDFLAGS,
             extra_cuda_cflags=CUDA_FLAGS if device == "cuda" else None,
-            extra_include_paths=[str(CSRC / device)],
+            extra_include_paths=[str(CSRC / device), str(CSRC)],
             build_directory=str(folder),
             verbose=False,
         )

@@ -205,8 +205,11 @@ def fused_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, distance: bool, scale: float, heads: int,
     backend: ModuleType,
 ) -> torch.Tensor:
-    """softmax(scale * S) v for (B, C, H, W) inputs: through AttentionFn where a gradient may be asked
-    for, else straight to the kernels (an autograd Function costs host time that small calls feel)."""
+    """softmax(scale * S) v for (B, C, H, W) inputs. Real inputs on a compiled backend take its C++
+    autograd node (`attention`: no Python in the call's backward); complex inputs, and backends without
+    one, AttentionFn -- or, where no gradient may be asked for, the kernels directly."""
+    if hasattr(backend, "attention") and not (q.is_complex() or k.is_complex() or v.is_complex()):
+        return backend.attention(q, k, v, window, distance, scale, heads)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return AttentionFn.apply(q, k, v, window, distance, scale, heads, backend)
     y, _ = _fused_forward(backend, *(_split_real(t, heads) for t in (q, k, v)), window, distance, scale)

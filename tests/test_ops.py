@@ -133,6 +133,22 @@ def test_gradcheck_fused_attention(backend, kind, dtype):
     assert gradcheck(lambda q, k, v: ca.attention(q, k, v, 3, kind=kind, heads=2, backend=backend), (q, k, v), fast_mode=True)
 
 
+def test_compiled_attention_is_one_autograd_node():
+    """On a compiled backend a real call is one C++ node: no Python in its backward, heads split inside,
+    strided inputs taken, and a second derivative refused with a message instead of a silent zero."""
+    q, k, v = _leaf(*_inputs(2, 8, 6, 10, torch.float64, cv=4))
+    y = ca.attention(q, k, v, 3, heads=2, backend="cpu")
+    assert type(y.grad_fn).__name__ == "CppFunction"
+    assert {type(edge[0]).__name__ for edge in y.grad_fn.next_functions} == {"AccumulateGrad"}
+    qt = q.detach().transpose(2, 3).contiguous().transpose(2, 3).requires_grad_()  # same values, other strides
+    want = ca.attention(q, k, v, 3, heads=2, backend="reference")
+    torch.testing.assert_close(y, want)
+    torch.testing.assert_close(ca.attention(qt, k, v, 3, heads=2, backend="cpu"), want)
+    (dq,) = torch.autograd.grad(y.sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        dq.sum().backward()
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_gradcheck_arithmetic_and_sums(backend):
     q, k, x = _leaf(*_inputs(2, 2, 5, 6, torch.float64))

@@ -3,6 +3,8 @@
 
 #include <torch/extension.h>
 
+#include "attention_autograd.h"
+
 #include <vector>
 
 namespace circatt_cpu {
@@ -32,4 +34,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_backward", &circatt_cpu::attention_backward,
         "(dq, dk, dv) of the fused attention from its inputs, y, lse and dy; recomputes the weights", arg("q"),
         arg("k"), arg("v"), arg("y"), arg("lse"), arg("dy"), arg("window"), arg("distance"), arg("scale"));
+  m.def("attention", &circatt::attention<&circatt_cpu::attention_forward, &circatt_cpu::attention_backward>,
+        "Fused softmax(scale * S) v of (B, C, H, W) q, k, v split into heads, as one autograd node (real dtypes)",
+        arg("q"), arg("k"), arg("v"), arg("window"), arg("distance"), arg("scale"), arg("heads"));
 }

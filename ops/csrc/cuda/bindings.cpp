@@ -2,6 +2,8 @@
 // check their inputs, pick a tile and launch).
 #include <torch/extension.h>
 
+#include "attention_autograd.h"
+
 #include <vector>
 
 namespace circatt {
@@ -31,6 +33,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "gradients [dq, dk, dv] of the fused attention, recomputing the weights from q, k and lse", py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("y"), py::arg("lse"), py::arg("dy"), py::arg("window"),
         py::arg("distance"), py::arg("scale"));
+  m.def("attention", &circatt::attention<&circatt::attention_forward, &circatt::attention_backward>,
+        "fused softmax(scale * S) v of (B, C, H, W) q, k, v split into heads, as one autograd node (real dtypes)",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("window"), py::arg("distance"), py::arg("scale"),
+        py::arg("heads"));
   m.def("_set_tensor_cores", &circatt::set_tensor_cores,
         "testing and benchmarking aid: allow (default) or forbid the tensor-core attention kernels", py::arg("on"));
   m.def("_attention_uses_tensor_cores", &circatt::attention_uses_tensor_cores,
