@@ -13,6 +13,8 @@ from types import ModuleType
 import torch
 from torch.autograd.function import once_differentiable
 
+from ._checks import split_heads
+
 
 def as_real(x: torch.Tensor) -> torch.Tensor:
     """(B, G, Ch, H, W) complex -> (B, G, 2*Ch, H, W) real, parts interleaved per channel."""
@@ -159,8 +161,7 @@ def _fused_forward(
 
 def _split_real(x: torch.Tensor, heads: int) -> torch.Tensor:
     """(B, C, H, W), real or complex -> real (B, heads, C // heads or twice that, H, W)."""
-    B, C, H, W = x.shape
-    return as_real(x.reshape(B, heads, C // heads, H, W))
+    return as_real(split_heads(x, heads))
 
 
 def _merge(x: torch.Tensor, like: tuple[torch.Size, bool]) -> torch.Tensor:

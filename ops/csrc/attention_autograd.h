@@ -1,6 +1,6 @@
 // The fused attention as one C++ autograd node over (B, C, H, W) tensors, shared by the CPU and CUDA
 // modules: the heads are split inside (views, no Python), and the backward runs without Python, so
-// autograd's device thread never waits for the GIL. Real dtypes only; complex inputs take the Python
+// autograd's device thread never takes the GIL. Real dtypes only; complex inputs take the Python
 // Function (ops/autograd.py), which splits them into real channels first.
 #pragma once
 
